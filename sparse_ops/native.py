@@ -1,0 +1,155 @@
+"""Token-sparse execution: only visible sites are stored and computed.
+
+Layout: visible sites are packed as ``values`` (N, C). Sites are ordered by sample, then by visible
+patch (row-major on the patch grid), then in Morton (Z) order inside the patch. Morton order makes
+every 2x2 downsample window four consecutive rows, so the stride-2 conv is a reshape to (N/4, 4C)
+and one matmul, with no gather. When every sample keeps the same number of patches (always true for
+FCMAE's random masks) the values are also viewed as (B, n, C) so per-sample GRN statistics are a
+plain reduction.
+
+The 7x7 depthwise conv scatters the visible sites into a zero buffer, runs a dense depthwise conv and
+gathers the visible outputs back; everything else (LayerNorm, Linear, GELU, GRN, residual, drop path)
+touches the N visible rows only.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparse_ops.base import BlockLike, SparseBackend
+from sparse_ops.functional import drop_path_scale, grn_response
+
+
+@functools.cache
+def morton_offsets(side: int) -> tuple[tuple[int, int], ...]:
+    """(row, col) offsets of a ``side`` x ``side`` square in Morton order (``side`` a power of 2).
+
+    Consecutive groups of four are the 2x2 windows, ordered (0,0), (0,1), (1,0), (1,1); the groups
+    themselves are in Morton order of the half-resolution square.
+    """
+    if side == 1:
+        return ((0, 0),)
+    return tuple(
+        (2 * cy + dy, 2 * cx + dx)
+        for cy, cx in morton_offsets(side // 2)
+        for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))
+    )
+
+
+@dataclass
+class PackedSites:
+    """Visible sites of a batch at one resolution.
+
+    Attributes:
+        values: (N, C) features, N = P * side * side.
+        patches: (P, 3) long (batch, patch row, patch col) of visible patches, sorted.
+        side: sites per patch side at this resolution (8 at stem resolution, 1 at the last stage).
+        shape: (B, H, W) of the dense grid at this resolution.
+        flat_index: (N,) long index of every site into the flattened (B * H * W) grid.
+        batch_index: (N,) long sample of every site.
+        per_sample: sites per sample when all samples have the same number, else None.
+    """
+
+    values: Tensor
+    patches: Tensor
+    side: int
+    shape: tuple[int, int, int]
+    flat_index: Tensor
+    batch_index: Tensor
+    per_sample: int | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.shape[0]
+
+
+def _site_indices(patches: Tensor, side: int, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Flat grid index and sample index of every site of the visible patches, in packing order."""
+    offsets = torch.tensor(morton_offsets(side), device=patches.device)  # (side*side, 2)
+    b, py, px = patches[:, 0:1], patches[:, 1:2], patches[:, 2:3]
+    rows = py * side + offsets[:, 0]  # (P, side*side)
+    cols = px * side + offsets[:, 1]
+    flat = (b * height + rows) * width + cols
+    return flat.reshape(-1), b.expand_as(flat).reshape(-1)
+
+
+def _scatter_dense(feats: PackedSites, values: Tensor) -> Tensor:
+    """Place (N, C) ``values`` in a zero (B, H, W, C) buffer."""
+    b, h, w = feats.shape
+    buffer = values.new_zeros(b * h * w, values.shape[-1])
+    buffer.index_copy_(0, feats.flat_index, values)
+    return buffer.view(b, h, w, -1)
+
+
+class NativeSparseBackend(SparseBackend):
+    """Token-sparse backend (pure PyTorch); does the work of the visible sites only."""
+
+    name = "native"
+
+    def sparsify(self, x: Tensor, mask: Tensor) -> PackedSites:
+        batch, channels, height, width = x.shape
+        side = height // mask.shape[-2]
+        patches = (~mask).nonzero()
+        counts = (~mask).flatten(1).sum(1)
+        per_sample = int(counts[0]) * side * side if bool((counts == counts[0]).all()) else None
+        flat, batch_index = _site_indices(patches, side, height, width)
+        values = x.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, flat)
+        return PackedSites(values, patches, side, (batch, height, width), flat, batch_index, per_sample)
+
+    def densify(self, feats: PackedSites) -> Tensor:
+        return _scatter_dense(feats, feats.values).permute(0, 3, 1, 2)
+
+    def packed(self, feats: PackedSites) -> tuple[Tensor, Tensor]:
+        _, height, width = feats.shape
+        flat = feats.flat_index
+        coords = torch.stack((flat // (height * width), (flat // width) % height, flat % width), dim=1)
+        return feats.values, coords
+
+    def _depthwise(self, conv: nn.Conv2d, feats: PackedSites) -> Tensor:
+        """7x7 depthwise conv reading visible neighbours only: (N, C) -> (N, C)."""
+        dense = _scatter_dense(feats, feats.values).permute(0, 3, 1, 2)
+        out = conv(dense).permute(0, 2, 3, 1).reshape(-1, feats.values.shape[-1])
+        return out.index_select(0, feats.flat_index)
+
+    def _grn_nx(self, feats: PackedSites):
+        if self.grn_scope == "batch":
+            return lambda y: grn_response(torch.linalg.vector_norm(y, ord=2, dim=tuple(range(y.dim() - 1))))
+        if feats.per_sample is not None:  # y is (B, n, C)
+            return lambda y: grn_response(torch.linalg.vector_norm(y, ord=2, dim=1, keepdim=True))
+
+        def segment_nx(y: Tensor) -> Tensor:
+            sumsq = y.new_zeros(feats.batch_size, y.shape[-1], dtype=torch.float32)
+            sumsq.index_add_(0, feats.batch_index, y.float().square())
+            # sqrt has an infinite slope at 0; a sample with no visible site gets a zero norm and grad.
+            present = sumsq > 0
+            gx = torch.where(present, sumsq, torch.ones_like(sumsq)).sqrt() * present
+            return grn_response(gx).to(y.dtype)[feats.batch_index]
+
+        return segment_nx
+
+    def block(self, block: BlockLike, feats: PackedSites) -> PackedSites:
+        y = self._depthwise(block.conv_dw, feats)
+        if feats.per_sample is not None:
+            y = y.view(feats.batch_size, feats.per_sample, -1)
+        y = block.forward_pointwise(y, self._grn_nx(feats))
+        scale = drop_path_scale(feats.batch_size, block.drop_prob, block.training, y)
+        if scale is not None:
+            y = y * (scale[:, None, None] if y.dim() == 3 else scale[feats.batch_index, None])
+        return replace(feats, values=feats.values + y.reshape(feats.values.shape))
+
+    def downsample(self, layer: nn.Sequential, feats: PackedSites) -> PackedSites:
+        norm, conv = layer[0], layer[1]
+        x = F.layer_norm(feats.values, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        # (N, Cin) -> (N/4, 4*Cin): rows of a 2x2 window are consecutive, in (dy, dx) order.
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+        x = F.linear(x.reshape(-1, weight.shape[1]), weight, conv.bias)
+        batch, height, width = feats.shape
+        side = feats.side // 2
+        flat, batch_index = _site_indices(feats.patches, side, height // 2, width // 2)
+        per_sample = feats.per_sample // 4 if feats.per_sample is not None else None
+        return PackedSites(x, feats.patches, side, (batch, height // 2, width // 2), flat, batch_index, per_sample)

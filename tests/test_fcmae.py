@@ -1,0 +1,155 @@
+"""FCMAE: loss definition, shapes, gradients, geometry and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fcmae
+from fcmae import create_fcmae, patchify, random_mask, unpatchify
+from tests.helpers import relative_error
+
+
+def _direct_loss(imgs, pred, mask_bl, norm_pix):
+    """The loss written out patch by patch."""
+    b, c, h, w = imgs.shape
+    total, count = 0.0, 0
+    for i in range(b):
+        for k in range(mask_bl.shape[1]):
+            if not mask_bl[i, k]:
+                continue
+            r, q = divmod(k, w // 32)
+            patch = imgs[i, :, r * 32:(r + 1) * 32, q * 32:(q + 1) * 32].permute(1, 2, 0).reshape(-1)
+            if norm_pix:
+                patch = (patch - patch.mean()) / (patch.var(unbiased=True) + 1e-6).sqrt()
+            total += ((pred[i, k] - patch) ** 2).mean()
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_matches_direct_formula(norm_pix):
+    model = create_fcmae("convnextv2_test", norm_pix_loss=norm_pix, decoder_embed_dim=16)
+    imgs = torch.randn(2, 3, 64, 96)
+    out = model(imgs)
+    expected = _direct_loss(imgs, out.pred, out.mask, norm_pix)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_loss_ignores_targets_of_visible_patches():
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=16)
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = random_mask(2, (2, 2), 0.5)
+    pred = torch.randn(2, 4, 32 * 32 * 3)
+    changed = imgs + 5 * (~mask).repeat_interleave(32, 1).repeat_interleave(32, 2)[:, None]
+    flat = mask.flatten(1)
+    assert model.forward_loss(imgs, pred, flat) == model.forward_loss(changed, pred, flat)
+    assert model.forward_loss(imgs, pred, flat) != model.forward_loss(imgs, pred, ~flat)
+
+
+def test_patchify_order_and_roundtrip():
+    imgs = torch.randn(2, 4, 64, 96)
+    patches = patchify(imgs, 32)
+    assert patches.shape == (2, 6, 32 * 32 * 4)
+    # patch 4 is row 1, col 1; value index (p, q, c) = (2, 5, 3)
+    assert patches[1, 4, (2 * 32 + 5) * 4 + 3] == imgs[1, 3, 32 + 2, 32 + 5]
+    assert torch.equal(unpatchify(patches, 32, (2, 3), 4), imgs)
+
+
+def test_output_shapes_and_mask_convention():
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=16)
+    out = model(torch.randn(3, 3, 96, 64))
+    loss, pred, mask = out  # tuple-unpackable like the official model
+    assert loss.dim() == 0 and pred.shape == (3, 6, 3072)
+    assert mask.shape == (3, 6) and mask.dtype == torch.bool
+    assert (mask.sum(1) == 6 - int(6 * 0.4)).all()
+
+
+@pytest.mark.parametrize("backend", ["dense", "native"])
+def test_every_parameter_gets_a_gradient(backend):
+    model = create_fcmae("convnextv2_test", backend=backend, decoder_embed_dim=16, decoder_depth=2)
+    model(torch.randn(2, 3, 64, 64)).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_batch_size_one_and_generator_reproducibility():
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=16)
+    imgs = torch.randn(1, 3, 64, 64)
+    a = model(imgs, generator=torch.Generator().manual_seed(0))
+    b = model(imgs, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.mask, b.mask) and a.loss == b.loss
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_other_channel_counts(in_chans):
+    model = create_fcmae("convnextv2_test", in_chans=in_chans, decoder_embed_dim=16)
+    out = model(torch.randn(2, in_chans, 64, 64))
+    assert out.pred.shape == (2, 4, 32 * 32 * in_chans) and torch.isfinite(out.loss)
+
+
+def test_user_mask_is_used():
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=16)
+    mask = torch.tensor([[1, 0, 1, 1]])
+    out = model(torch.randn(1, 3, 64, 64), mask=mask)
+    assert out.mask.tolist() == [[True, False, True, True]]
+
+
+def test_encoder_features_for_custom_experiments():
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=16)
+    imgs, mask = torch.randn(2, 3, 64, 96), random_mask(2, (2, 3), 0.5)
+    dense = model.encode(imgs, mask)
+    values, coords = model.encode_packed(imgs, mask)
+    assert dense.shape == (2, 32, 2, 3)
+    assert (dense.permute(0, 2, 3, 1)[mask] == 0).all()
+    assert relative_error(values, dense.permute(0, 2, 3, 1)[coords[:, 0], coords[:, 1], coords[:, 2]]) == 0
+
+
+def test_backends_give_the_same_loss_and_gradients():
+    torch.manual_seed(1)
+    dense = create_fcmae("convnextv2_atto", backend="dense")
+    native = create_fcmae("convnextv2_atto", backend="native")
+    native.load_state_dict(dense.state_dict())
+    imgs, mask = torch.randn(2, 3, 128, 96), random_mask(2, (4, 3), 0.6)
+    a, b = dense(imgs, mask), native(imgs, mask)
+    a.loss.backward()
+    b.loss.backward()
+    assert relative_error(b.loss, a.loss) < 1e-5
+    for (name, p), q in zip(dense.named_parameters(), native.parameters(), strict=True):
+        assert relative_error(q.grad, p.grad) < 1e-5, name
+
+
+def test_initialisation():
+    model = create_fcmae("convnextv2_tiny")
+    assert model.mask_token.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.pred.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert not model.decoder[0].mlp.grn.weight.any()
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        create_fcmae("convnextv2_test", mask_ratio=1.0)
+    with pytest.raises(ValueError, match="unknown sparse backend"):
+        create_fcmae("convnextv2_test", backend="spconv")
+    with pytest.raises(ValueError, match="unknown model"):
+        create_fcmae("convnext_tiny")
+    with pytest.raises(ValueError, match="total stride"):
+        fcmae.FCMAE(fcmae.create_fcmae("convnextv2_test").encoder, patch_size=16)
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=16)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model(torch.randn(1, 3, 64, 80))
+
+
+def test_pretrained_roundtrip(tmp_path):
+    from safetensors.torch import save_file
+
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=16)
+    save_file(model.state_dict(), tmp_path / "full.safetensors")
+    save_file(model.encoder.state_dict(), tmp_path / "encoder.safetensors")
+    full = create_fcmae("convnextv2_test", decoder_embed_dim=16, pretrained=tmp_path / "full.safetensors")
+    enc = create_fcmae("convnextv2_test", decoder_embed_dim=16, pretrained=tmp_path / "encoder.safetensors")
+    assert torch.equal(full.mask_token, model.mask_token)
+    assert torch.equal(enc.encoder.stem[0].weight, model.encoder.stem[0].weight)
+    assert not torch.equal(enc.mask_token, model.mask_token)
+    with pytest.raises(ValueError, match="mis-shaped"):
+        create_fcmae("convnextv2_atto", decoder_embed_dim=16, pretrained=tmp_path / "encoder.safetensors")
