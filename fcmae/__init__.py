@@ -9,7 +9,7 @@ from fcmae.loss import masked_mse, normalize_patches, patchify, unpatchify
 from fcmae.masking import as_grid_mask, num_visible, random_mask
 from fcmae.model import FCMAE, FCMAEOutput
 from models import create_model
-from models.checkpoint import load_strict, read_state_dict
+from models.checkpoint import load_pretrained
 
 __version__ = "0.1.0"
 
@@ -52,8 +52,8 @@ def create_fcmae(
         norm_pix_loss: per-patch normalised pixel targets.
         in_chans: image channels.
         grn_scope: ``"sample"`` (paper, JAX) or ``"batch"`` (official MinkowskiEngine GRN).
-        pretrained: weights to load strictly: a full FCMAE state dict, or an encoder-only one
-            (the decoder then stays freshly initialised).
+        pretrained: weights to load strictly, of any supported layout: a full FCMAE checkpoint, or an
+            encoder (e.g. a released ``*_fcmae.pt``; the decoder then stays freshly initialised).
         **encoder_kwargs: passed to the encoder (e.g. ``drop_path_rate``).
     """
     encoder = create_model(
@@ -61,9 +61,5 @@ def create_fcmae(
     )
     model = FCMAE(encoder, mask_ratio, decoder_depth, decoder_embed_dim, norm_pix_loss)
     if pretrained is not None:
-        state = read_state_dict(pretrained)
-        if any(k.startswith("encoder.") for k in state):
-            load_strict(model, state, source=str(pretrained))
-        else:
-            load_strict(model.encoder, state, source=str(pretrained))
+        load_pretrained(model, pretrained)
     return model

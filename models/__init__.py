@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from models._registry import list_models, model_entrypoint
-from models.checkpoint import load_strict, read_state_dict
+from models.checkpoint import load_pretrained
 from models.convnextv2 import MODEL_SIZES, TOTAL_STRIDE, ConvNeXtV2, ConvNeXtV2Block
 
 __all__ = ["MODEL_SIZES", "TOTAL_STRIDE", "ConvNeXtV2", "ConvNeXtV2Block", "create_model", "list_models"]
@@ -26,10 +26,11 @@ def create_model(
             (or ``test``, a tiny size for tests).
         num_classes: classifier outputs (0: pooled features).
         drop_path_rate: stochastic depth rate.
-        pretrained: path of a weights file to load strictly.
+        pretrained: weights file or directory of any supported layout (ours, official, timm,
+            transformers), loaded strictly; a file without a classifier leaves the head fresh.
         **kwargs: passed to :class:`ConvNeXtV2` (``in_chans``, ``head_init_scale``, ...).
     """
     model = model_entrypoint(name)(num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs)
     if pretrained is not None:
-        load_strict(model, read_state_dict(pretrained), source=str(pretrained))
+        load_pretrained(model, pretrained)
     return model
