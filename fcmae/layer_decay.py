@@ -10,6 +10,8 @@ Official ConvNeXt V2 ``optim_factory.py`` (convnextv2.md §5c), restated on our 
   downsample 2, stage 2's downsample 3 and its blocks ``3 + b // 3``, stage 3 and its downsample 12.
 
 A parameter of layer ``i`` trains at ``lr * decay ** (num_layers + 1 - i)``, so the head keeps the full lr.
+Which parameters get weight decay is :mod:`fcmae.optim`'s rule (none on biases, norms and GRN), the same
+set as the official finetuning rule.
 """
 
 from __future__ import annotations
@@ -55,7 +57,3 @@ def lr_scale(name: str, depths: Sequence[int], mode: LayerDecayMode, decay: floa
     layers = num_layers(mode, depths)
     return layer_scales(decay, layers)[layer_id(name, depths, mode)]
 
-
-def without_weight_decay(name: str, ndim: int) -> bool:
-    """Official finetune rule: no weight decay on biases and 1-D parameters (norms and, ours being 1-D, GRN)."""
-    return ndim <= 1 or name.endswith(".bias")

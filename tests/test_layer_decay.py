@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import models
-from fcmae.layer_decay import layer_id, layer_scales, lr_scale, num_layers, without_weight_decay
+from fcmae.layer_decay import layer_id, layer_scales, lr_scale, num_layers
+from fcmae.optim import no_weight_decay_names
 from models.formats import from_canonical
 
 
@@ -57,11 +58,9 @@ def test_known_values():
     assert layer_scales(0.6, 12)[0] == pytest.approx(0.6 ** 13)
 
 
-def test_no_weight_decay_on_biases_norms_and_grn():
+def test_weight_decay_rule_is_the_official_finetune_rule():
+    """fcmae.optim's no-decay set equals the official finetuning rule: 1-D tensors and biases (GRN included)."""
     model = models.create_model("convnextv2_test", num_classes=3)
-    exempt = {n for n, p in model.named_parameters() if without_weight_decay(n, p.ndim)}
-    decayed = {n for n, _ in model.named_parameters()} - exempt
-    assert "stages.0.blocks.0.mlp.grn.weight" in exempt and "stages.0.blocks.0.norm.weight" in exempt
-    assert "head.fc.bias" in exempt and "stem.1.weight" in exempt
-    assert all(n.endswith("weight") and "norm" not in n and "grn" not in n for n in decayed)
-    assert "stages.0.blocks.0.mlp.fc1.weight" in decayed and "head.fc.weight" in decayed
+    official = {n for n, p in model.named_parameters() if p.ndim == 1 or n.endswith(".bias")}
+    assert no_weight_decay_names(model) == official
+    assert "stages.0.blocks.0.mlp.grn.weight" in official and "stem.1.weight" in official
