@@ -37,8 +37,12 @@ class GlobalResponseNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def apply_response(self, x: Tensor, nx: Tensor) -> Tensor:
-        """``x + weight * (x * nx) + bias`` where ``nx`` broadcasts against ``x`` (..., C)."""
-        return x + torch.addcmul(self.bias, self.weight, x * nx)
+        """``x + weight * (x * nx) + bias`` where ``nx`` broadcasts against ``x`` (..., C).
+
+        Evaluated as ``x * (1 + weight * nx) + bias``: the factor has the (small) shape of ``nx``, so
+        the full-size tensor is touched by one fused multiply-add instead of three passes.
+        """
+        return torch.addcmul(self.bias.to(x.dtype), x, (1 + self.weight * nx).to(x.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C), statistics per sample over all positions."""

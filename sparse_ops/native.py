@@ -7,9 +7,9 @@ and one matmul, with no gather. When every sample keeps the same number of patch
 FCMAE's random masks) the values are also viewed as (B, n, C) so per-sample GRN statistics are a
 plain reduction.
 
-The 7x7 depthwise conv scatters the visible sites into a zero buffer, runs a dense depthwise conv and
-gathers the visible outputs back; everything else (LayerNorm, Linear, GELU, GRN, residual, drop path)
-touches the N visible rows only.
+The 7x7 depthwise conv reads visible neighbours only (:mod:`sparse_ops.sparse_dwconv`: a Triton
+kernel on CUDA, scatter -> dense conv -> gather elsewhere); everything else (LayerNorm, Linear, GELU,
+GRN, residual, drop path) touches the N visible rows only.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from sparse_ops.base import BlockLike, SparseBackend
 from sparse_ops.functional import drop_path_scale, grn_response
+from sparse_ops.sparse_dwconv import kernel_available, site_map_for, sparse_depthwise_conv
 
 
 @functools.cache
@@ -53,6 +54,8 @@ class PackedSites:
         flat_index: (N,) long index of every site into the flattened (B * H * W) grid.
         batch_index: (N,) long sample of every site.
         per_sample: sites per sample when all samples have the same number, else None.
+        site_map: (B * H * W,) int32 packed row of every grid position (-1 masked) when the CUDA
+            kernel runs the depthwise conv, else None.
     """
 
     values: Tensor
@@ -62,6 +65,7 @@ class PackedSites:
     flat_index: Tensor
     batch_index: Tensor
     per_sample: int | None
+    site_map: Tensor | None
 
     @property
     def batch_size(self) -> int:
@@ -76,6 +80,34 @@ def _site_indices(patches: Tensor, side: int, height: int, width: int) -> tuple[
     cols = px * side + offsets[:, 1]
     flat = (b * height + rows) * width + cols
     return flat.reshape(-1), b.expand_as(flat).reshape(-1)
+
+
+@torch.compiler.disable
+def _site_tables(
+    patches: Tensor, side: int, shape: tuple[int, int, int], values: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Flat index, sample index and (for the CUDA kernel) the grid -> row map of every site."""
+    flat, batch_index = _site_indices(patches, side, shape[1], shape[2])
+    site_map = site_map_for(flat, shape[0] * shape[1] * shape[2]) if kernel_available(values) else None
+    return flat, batch_index, site_map
+
+
+@torch.compiler.disable
+def _visible_patches(mask: Tensor) -> tuple[Tensor, int | None]:
+    """(P, 3) sorted (batch, row, col) of visible patches, and the per-sample count if uniform.
+
+    One host sync (the count); uniform masks avoid ``nonzero``.
+    """
+    batch, _, width = mask.shape
+    flat = mask.flatten(1)
+    counts = (~flat).sum(1)
+    low, high = torch.stack((counts.min(), counts.max())).tolist()
+    if low != high:
+        return (~mask).nonzero(), None
+    ids = torch.argsort(flat.to(torch.int32), dim=1, stable=True)[:, :low]  # visible ids, ascending
+    rows = torch.arange(batch, device=mask.device).repeat_interleave(low)
+    ids = ids.reshape(-1)
+    return torch.stack((rows, ids // width, ids % width), dim=1), low
 
 
 def _scatter_dense(feats: PackedSites, values: Tensor) -> Tensor:
@@ -94,12 +126,11 @@ class NativeSparseBackend(SparseBackend):
     def sparsify(self, x: Tensor, mask: Tensor) -> PackedSites:
         batch, channels, height, width = x.shape
         side = height // mask.shape[-2]
-        patches = (~mask).nonzero()
-        counts = (~mask).flatten(1).sum(1)
-        per_sample = int(counts[0]) * side * side if bool((counts == counts[0]).all()) else None
-        flat, batch_index = _site_indices(patches, side, height, width)
+        patches, patches_per_sample = _visible_patches(mask)
+        per_sample = None if patches_per_sample is None else patches_per_sample * side * side
+        flat, batch_index, site_map = _site_tables(patches, side, (batch, height, width), x)
         values = x.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, flat)
-        return PackedSites(values, patches, side, (batch, height, width), flat, batch_index, per_sample)
+        return PackedSites(values, patches, side, (batch, height, width), flat, batch_index, per_sample, site_map)
 
     def densify(self, feats: PackedSites) -> Tensor:
         return _scatter_dense(feats, feats.values).permute(0, 3, 1, 2)
@@ -112,9 +143,9 @@ class NativeSparseBackend(SparseBackend):
 
     def _depthwise(self, conv: nn.Conv2d, feats: PackedSites) -> Tensor:
         """7x7 depthwise conv reading visible neighbours only: (N, C) -> (N, C)."""
-        dense = _scatter_dense(feats, feats.values).permute(0, 3, 1, 2)
-        out = conv(dense).permute(0, 2, 3, 1).reshape(-1, feats.values.shape[-1])
-        return out.index_select(0, feats.flat_index)
+        return sparse_depthwise_conv(
+            feats.values, feats.flat_index, feats.site_map, conv.weight, conv.bias, feats.shape
+        )
 
     def _grn_nx(self, feats: PackedSites):
         if self.grn_scope == "batch":
@@ -149,7 +180,7 @@ class NativeSparseBackend(SparseBackend):
         weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
         x = F.linear(x.reshape(-1, weight.shape[1]), weight, conv.bias)
         batch, height, width = feats.shape
-        side = feats.side // 2
-        flat, batch_index = _site_indices(feats.patches, side, height // 2, width // 2)
         per_sample = feats.per_sample // 4 if feats.per_sample is not None else None
-        return PackedSites(x, feats.patches, side, (batch, height // 2, width // 2), flat, batch_index, per_sample)
+        shape = (batch, height // 2, width // 2)
+        flat, batch_index, site_map = _site_tables(feats.patches, feats.side // 2, shape, x)
+        return PackedSites(x, feats.patches, feats.side // 2, shape, flat, batch_index, per_sample, site_map)

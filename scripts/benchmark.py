@@ -1,0 +1,233 @@
+"""Benchmark the full FCMAE training step across sizes, backends, compile and precision.
+
+Measures forward + loss + backward + optimizer step on synthetic input: images/s (median of repeats),
+peak memory, and model FLOP utilisation of the useful FLOPs (stem, visible sites of the encoder,
+decoder; x3 for forward + backward). Ratios are computed within one run. Prints a table and writes
+JSON.
+
+    python scripts/benchmark.py --sizes base --backends dense native --compile both --precision bf16
+    python scripts/benchmark.py --smoke     # tiny CPU run used by the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fcmae  # noqa: E402
+from fcmae.masking import num_visible  # noqa: E402
+from models import create_model  # noqa: E402
+
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.7}, "H200": {"bf16": 989.0, "fp32": 494.7}}
+
+
+@dataclass
+class Result:
+    size: str
+    backend: str
+    compile: bool
+    precision: str
+    batch_size: int
+    images_per_s: float | None
+    step_ms: float | None
+    peak_mem_gib: float | None
+    mfu: float | None
+    error: str | None = None
+
+
+def useful_flops_per_image(size: str, img_size: int, mask_ratio: float) -> float:
+    """Training FLOPs of one image counting only the work the visible sites need (x3 for fwd+bwd)."""
+    grid = img_size // 32
+    keep = num_visible(grid * grid, mask_ratio) / (grid * grid)
+    with torch.device("meta"):
+        encoder = create_model(f"convnextv2_{size}", with_head=False)
+        model = fcmae.create_fcmae(f"convnextv2_{size}", backend="dense")
+    x = torch.empty(1, 3, img_size, img_size, device="meta")
+    counts = []
+    for fn in (
+        lambda: encoder.stem(x),
+        lambda: encoder.forward_features(x),
+        lambda: model.forward_decoder(
+            torch.empty(1, encoder.num_features, grid, grid, device="meta"),
+            torch.zeros(1, grid, grid, dtype=torch.bool, device="meta"),
+        ),
+    ):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        counts.append(counter.get_total_flops())
+    stem, encoder_total, decoder = counts
+    return 3.0 * (stem + (encoder_total - stem) * keep + decoder)
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v[precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def build_step(size: str, backend: str, compile_model: bool, precision: str, device: torch.device, args):
+    model = fcmae.create_fcmae(f"convnextv2_{size}", backend=backend, mask_ratio=args.mask_ratio).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    forward = torch.compile(model) if compile_model else model
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    if device.type == "cuda":
+        imgs = imgs.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16"):
+            loss = forward(imgs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(size, backend, compile_model, precision, device, args) -> Result:
+    result = Result(size, backend, compile_model, precision, args.batch_size, None, None, None, None)
+    try:
+        step = build_step(size, backend, compile_model, precision, device, args)
+        for _ in range(args.warmup):
+            step()
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(args.repeats):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync(device)
+            times.append((time.perf_counter() - start) / args.steps)
+    except torch.cuda.OutOfMemoryError as err:
+        result.error = f"OOM: {str(err).splitlines()[0]}"
+        return result
+    if args.profile:
+        print(f"== profile: {size} {backend} compile={compile_model} {precision}")
+        profile_step(step, device)
+    step_s = statistics.median(times)
+    result.step_ms = 1000 * step_s
+    result.images_per_s = args.batch_size / step_s
+    if device.type == "cuda":
+        result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    peak = peak_tflops(device, precision)
+    if peak:
+        result.mfu = useful_flops_per_image(size, args.img_size, args.mask_ratio) * result.images_per_s / (peak * 1e12)
+    return result
+
+
+def profile_step(step, device: torch.device, rows: int = 25) -> None:
+    """Print where the time of two steps goes: kernel table and kernel time vs wall clock."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync(device)
+    wall = (time.perf_counter() - start) / 2
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_key, row_limit=rows, max_name_column_width=70))
+    if device.type == "cuda":
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / 2
+        print(f"per step: wall {1000 * wall:.1f} ms (profiled), GPU kernels {kernel_us / 1000:.1f} ms")
+
+
+def print_table(results: list[Result]) -> None:
+    best_dense = {}
+    for r in results:
+        if r.backend == "dense" and r.images_per_s:
+            best_dense[r.size] = max(best_dense.get(r.size, 0.0), r.images_per_s)
+    header = (
+        f"{'size':6} {'backend':9} {'compile':7} {'prec':5} {'batch':5} "
+        f"{'img/s':>9} {'ms':>8} {'GiB':>6} {'MFU':>6} {'vs best dense':>13}"
+    )
+    print(header)
+    for r in results:
+        if r.error:
+            print(f"{r.size:6} {r.backend:9} {str(r.compile):7} {r.precision:5} {r.batch_size:5} {r.error}")
+            continue
+        ratio = r.images_per_s / best_dense[r.size] if r.size in best_dense else float("nan")
+        mem = f"{r.peak_mem_gib:6.2f}" if r.peak_mem_gib is not None else "     -"
+        mfu = f"{100 * r.mfu:5.1f}%" if r.mfu is not None else "     -"
+        print(
+            f"{r.size:6} {r.backend:9} {str(r.compile):7} {r.precision:5} {r.batch_size:5} "
+            f"{r.images_per_s:9.1f} {r.step_ms:8.1f} {mem} {mfu} {ratio:12.2f}x"
+        )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["atto", "tiny", "base"])
+    p.add_argument("--backends", nargs="+", default=["dense", "native"])
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    p.add_argument(
+        "--precision", nargs="+", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--mask-ratio", type=float, default=0.6)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=None, help="write results here")
+    p.add_argument("--smoke", action="store_true", help="tiny size, few steps (for tests)")
+    p.add_argument("--profile", action="store_true", help="print a kernel-time profile of every configuration")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.batch_size, args.img_size = ["test"], 2, 64
+        args.warmup, args.steps, args.repeats = 1, 1, 1
+    if args.precision is None:
+        args.precision = ["bf16"] if args.device.startswith("cuda") else ["fp32"]
+    return args
+
+
+def main(argv=None) -> list[Result]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    results = []
+    for size in args.sizes:
+        for precision in args.precision:
+            for backend in args.backends:
+                for compile_model in compiles:
+                    results.append(measure(size, backend, compile_model, precision, device, args))
+                    print(json.dumps(asdict(results[-1])), flush=True)
+    print_table(results)
+    if args.json:
+        meta = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "args": vars(args) | {"json": str(args.json)},
+        }
+        args.json.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""GPU checks (skipped without CUDA): the Triton depthwise kernel and backend parity in fp32 and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fcmae import create_fcmae, random_mask
+from models import create_model
+from sparse_ops.native import NativeSparseBackend
+from sparse_ops.sparse_dwconv import _reference, site_map_for, sparse_depthwise_conv
+from tests.helpers import perturb_parameters, relative_error
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_depthwise_matches_reference(dtype):
+    b, h, w, c = 3, 24, 16, 40
+    mask = random_mask(b, (3, 2), 0.5, device="cuda")
+    feats = NativeSparseBackend().sparsify(torch.randn(b, c, h, w, device="cuda"), mask)
+    values = feats.values.to(dtype).requires_grad_()
+    weight = torch.randn(c, 1, 7, 7, device="cuda", requires_grad=True)
+    bias = torch.randn(c, device="cuda", requires_grad=True)
+    site_map = site_map_for(feats.flat_index, b * h * w)
+    out = sparse_depthwise_conv(values, feats.flat_index, site_map, weight, bias, (b, h, w))
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), (values, weight, bias))
+    v32 = values.detach().float().requires_grad_()
+    ref = _reference(v32, feats.flat_index, weight, bias, (b, h, w))
+    ref_grads = torch.autograd.grad((ref * probe.float()).sum(), (v32, weight, bias))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert relative_error(out.float(), ref) < tol
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert relative_error(g.float(), r) < tol
+
+
+def _encoder_pair(name, grn_scope):
+    ref = create_model(name, with_head=False, sparse_backend="dense", grn_scope=grn_scope).cuda()
+    perturb_parameters(ref)
+    native = create_model(name, with_head=False, sparse_backend="native", grn_scope=grn_scope).cuda()
+    native.load_state_dict(ref.state_dict())
+    return ref, native
+
+
+def _out_and_grads(encoder, imgs, mask, probe, dtype):
+    encoder.zero_grad()
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        out = encoder.sparse_backend.densify(encoder.forward_masked(imgs, mask)).float()
+    (out * probe).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters()}
+
+
+@pytest.mark.parametrize("grn_scope", ["sample", "batch"])
+@pytest.mark.parametrize("name", ["convnextv2_test", "convnextv2_atto"])
+def test_native_matches_dense_fp32_on_gpu(name, grn_scope):
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref, native = _encoder_pair(name, grn_scope)
+    imgs = torch.randn(3, 3, 128, 160, device="cuda")
+    mask = random_mask(3, (4, 5), 0.6, device="cuda")
+    probe = torch.randn(3, ref.dims[-1], 4, 5, device="cuda")
+    out_ref, grads_ref = _out_and_grads(ref, imgs, mask, probe, torch.float32)
+    out, grads = _out_and_grads(native, imgs, mask, probe, torch.float32)
+    assert relative_error(out, out_ref) < 1e-5
+    for n in grads_ref:
+        assert relative_error(grads[n], grads_ref[n]) < 1e-5, n
+
+
+def test_native_matches_dense_bf16_on_gpu():
+    ref, native = _encoder_pair("convnextv2_atto", "sample")
+    imgs = torch.randn(4, 3, 224, 224, device="cuda")
+    mask = random_mask(4, (7, 7), 0.6, device="cuda")
+    probe = torch.randn(4, ref.dims[-1], 7, 7, device="cuda")
+    out_ref, grads_ref = _out_and_grads(ref, imgs, mask, probe, torch.bfloat16)
+    out, grads = _out_and_grads(native, imgs, mask, probe, torch.bfloat16)
+    assert relative_error(out, out_ref) < 3e-2
+    for n in grads_ref:
+        assert relative_error(grads[n], grads_ref[n]) < 5e-2, n
+
+
+def test_compiled_fcmae_step_matches_eager():
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = create_fcmae("convnextv2_atto", backend="native").cuda()
+    imgs = torch.randn(4, 3, 224, 224, device="cuda")
+    mask = random_mask(4, (7, 7), 0.6, device="cuda")
+    eager = model(imgs, mask).loss
+    eager.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model)(imgs, mask).loss
+    compiled.backward()
+    assert relative_error(compiled, eager) < 1e-4
+    for n, p in model.named_parameters():
+        assert relative_error(p.grad, eager_grads[n]) < 1e-3, n
