@@ -96,8 +96,12 @@ def _open(source: Any) -> Image.Image:
         raise BadImageError("too-large", str(e)) from None
     except UnidentifiedImageError:
         raise BadImageError("corrupt", "not an image (unrecognised format)") from None
-    except (OSError, ValueError, SyntaxError, TypeError) as e:
-        raise BadImageError("unreadable", f"cannot open: {e}") from None
+    except OSError as e:
+        if e.errno is not None:  # the file system refused (missing, permissions, I/O error)
+            raise BadImageError("unreadable", f"cannot read: {e.strerror or e}") from None
+        raise BadImageError("corrupt", f"cannot parse: {e}") from None
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise BadImageError("corrupt", f"cannot parse: {e}") from None
 
 
 def convert_mode(img: Image.Image, mode: str) -> tuple[Image.Image, list[str]]:

@@ -49,7 +49,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they are augmented. Set exactly one of path, name, generated_images."""
+    """Where images come from and how they are augmented.
+
+    Set exactly one of path, name and generated_images (none only when the Python API is handed an
+    in-memory dataset instead).
+    """
 
     path: str | None = None  # image folder (recursive), parquet/arrow file(s) or glob, or a save_to_disk folder
     name: str | None = None  # a datasets hub name (read from the local cache when offline)
@@ -70,12 +74,17 @@ class DataConfig:
     max_image_pixels: int = PIL_DEFAULT_MAX_PIXELS  # larger images are skipped (decompression bombs)
     max_bad_in_a_row: int = 32  # consecutive undecodable files tolerated before the run stops
 
+    def num_sources(self) -> int:
+        return sum([self.path is not None, self.name is not None, self.generated_images > 0])
+
+    def require_source(self) -> None:
+        """ConfigError unless a source is set (checked when no in-memory dataset is given instead)."""
+        if self.num_sources() == 0:
+            raise ConfigError("data.path", "missing: set data.path (image folder or parquet/arrow files), "
+                                           "data.name (a datasets hub name) or data.generated_images")
+
     def validate(self) -> None:
-        sources = [self.path is not None, self.name is not None, self.generated_images > 0]
-        if sum(sources) == 0:
-            raise ConfigError("path", "missing: set data.path (image folder or parquet/arrow files), "
-                                      "data.name (a datasets hub name) or data.generated_images")
-        if sum(sources) > 1:
+        if self.num_sources() > 1:
             raise ConfigError("path", "set only one of data.path, data.name and data.generated_images")
         if self.path is not None:
             _check_data_path(self.path)

@@ -1,0 +1,148 @@
+"""The FCMAE training loop, written against ``accelerate``: no argparse, no files.
+
+Randomness is keyed by position: the mask of micro-batch ``b`` of epoch ``e`` on process ``r``
+comes from ``keyed_generator(seed, MASK_STREAM, r, e, b)``, so a resumed run draws exactly the
+masks an uninterrupted run would have drawn.
+
+Non-finite handling: at every optimizer step the loss (averaged over processes) and the global
+gradient norm are checked. If either is not finite, the update is skipped on every process
+(gradients dropped; under fp16 the scaler still backs off) and counted in ``TrainState``; after
+``stop_after_nonfinite`` such steps in a row, :class:`NonFiniteLossError` stops the run, so no
+checkpoint with damaged weights is ever written. Under fp16, a finite loss with overflowing
+gradients is the scaler's normal business: the scaler skips that update itself and it is not
+counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from fcmae.images import DataIssues
+from fcmae.masking import random_mask
+from fcmae.optim import LrSchedule, apply_lr
+from fcmae.run_state import TrainState
+from fcmae.transforms import keyed_generator
+from models import TOTAL_STRIDE
+
+MASK_STREAM = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did: mean loss over micro-batches and processes, lr, gradient norm."""
+
+    loss: float
+    lr: float
+    grad_norm: float
+    skipped: bool
+
+
+@dataclass
+class Engine:
+    """Everything the loop touches.
+
+    Attributes:
+        accelerator: prepared with ``gradient_accumulation_steps``.
+        model: the prepared FCMAE; called as ``model(imgs, mask=mask)``.
+        optimizer: the prepared optimizer.
+        schedule: learning rate as a function of ``state.step``.
+        state: checkpointed counters, updated in place.
+        mask_ratio: fraction of patches masked.
+        seed: run seed (mask stream key).
+        global_batch: images per optimizer step over all processes.
+        clip_grad: max gradient norm, or None.
+        stop_after_nonfinite: consecutive non-finite steps that stop the run.
+        issues: where the data issues reported by each batch are counted.
+    """
+
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    state: TrainState
+    mask_ratio: float
+    seed: int
+    global_batch: int
+    clip_grad: float | None
+    stop_after_nonfinite: int
+    issues: DataIssues
+
+    def train_one_epoch(self, batches: Iterable[dict[str, Any]], on_step: Callable[[StepStats], bool]) -> bool:
+        """Run the micro-batches of one epoch; ``on_step`` after each optimizer step returns True to stop.
+
+        Returns:
+            True when ``on_step`` asked to stop before the epoch ended.
+        """
+        acc, state = self.accelerator, self.state
+        self.model.train()
+        loss_sum, micro = torch.zeros((), device=acc.device), 0
+        for batch in batches:
+            self.issues.record(batch["issues"])
+            imgs = batch["pixel_values"].to(acc.device, non_blocking=True)
+            mask = self.draw_mask(imgs)
+            with acc.accumulate(self.model):
+                loss = self.model(imgs, mask=mask).loss
+                acc.backward(loss)
+                loss_sum += loss.detach().float()
+                micro += 1
+                state.batch_in_epoch += 1
+                if acc.sync_gradients:
+                    stats = self.optimizer_step(loss_sum / micro)
+            if acc.sync_gradients:
+                loss_sum, micro = torch.zeros((), device=acc.device), 0
+                if on_step(stats):
+                    return True
+        return False
+
+    def draw_mask(self, imgs: Tensor) -> Tensor:
+        """(B, h, w) bool mask for (B, C, H, W) ``imgs``, keyed by (process, epoch, micro-batch)."""
+        acc, state = self.accelerator, self.state
+        grid = (imgs.shape[-2] // TOTAL_STRIDE, imgs.shape[-1] // TOTAL_STRIDE)
+        generator = keyed_generator(self.seed, MASK_STREAM, acc.process_index, state.epoch, state.batch_in_epoch)
+        return random_mask(imgs.shape[0], grid, self.mask_ratio, generator=generator, device=acc.device)
+
+    def optimizer_step(self, local_loss: Tensor) -> StepStats:
+        """Set the lr, clip, check finiteness on every process alike, then step or skip."""
+        acc, state = self.accelerator, self.state
+        lr = self.schedule(state.step)
+        apply_lr(self.optimizer, lr)
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.clip_grad or math.inf))
+        loss = float(acc.reduce(local_loss, reduction="mean"))
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        fp16_overflow = acc.scaler is not None and math.isfinite(loss)
+        if finite or fp16_overflow:
+            self.optimizer.step()
+            state.nonfinite_in_a_row = 0
+        else:
+            if acc.scaler is not None:
+                acc.scaler.update()
+            state.nonfinite_in_a_row += 1
+            state.nonfinite_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.images_seen += self.global_batch
+        if state.nonfinite_in_a_row >= self.stop_after_nonfinite:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_in_a_row} optimizer steps in a row (up to step {state.step}) had a non-finite "
+                f"loss or gradient (last loss {loss}, grad norm {grad_norm}); stopping without saving. The last "
+                f"checkpoint is intact. Try a lower optim.blr, optim.clip_grad, or bf16 instead of fp16."
+            )
+        return StepStats(loss=loss, lr=lr, grad_norm=grad_norm, skipped=not finite)
+
+
+def parameters_finite(accelerator: Accelerator, model: nn.Module) -> bool:
+    """True when every parameter on every process is finite (one reduction)."""
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    flag = (~finite).float().reshape(1).to(accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0

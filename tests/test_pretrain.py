@@ -1,0 +1,119 @@
+"""End-to-end pretraining on CPU: image folder, in-memory dataset, learning, exact resume, bad data."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import models
+from fcmae.pretraining import run_pretraining
+from tests.pretrain_helpers import random_image, reset_accelerate, tiny_config, write_images
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    yield
+    reset_accelerate()
+
+
+def events(run_dir, name):
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == name]
+
+
+def test_end_to_end_on_an_image_folder(tmp_path):
+    write_images(tmp_path / "images", 12, classes=3)
+    cfg = tiny_config(tmp_path / "run", f"data.path={tmp_path / 'images'}", "train.epochs=2",
+                      "log.preview_every_steps=2")
+    run_dir = run_pretraining(cfg)
+    metrics = events(run_dir, "metrics")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in metrics)
+    assert {"train/lr", "train/grad_norm", "train/images_per_s", "train/memory_gib"} <= set(metrics[0])
+    start = events(run_dir, "start")[0]
+    assert start["effective_batch"] == 4 and start["lr"] == pytest.approx(1.5e-4 * 4 / 256)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint_00000003",
+                                                                           "checkpoint_00000006"]
+    assert (run_dir / "previews" / "step_00000006.png").is_file()
+    assert Image.open(run_dir / "previews" / "step_00000002.png").size == (3 * 64 + 4, 4 * 64 + 6)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "run_info.json").is_file()
+    end = events(run_dir, "end")[0]
+    assert end["step"] == 6 and end["ranks_agree"] and end["data_issues"] == "0 images skipped; 0 converted"
+
+
+def test_weights_are_written_for_use(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "data.generated_images=8", "train.epochs=1")
+    run_dir = run_pretraining(cfg)
+    full = load_file(run_dir / "weights" / "fcmae.safetensors")
+    encoder = load_file(run_dir / "weights" / "encoder.safetensors")
+    assert {"mask_token", "proj.weight", "pred.weight"} <= set(full)
+    reference = models.create_model("convnextv2_test", with_head=False).state_dict()
+    assert set(encoder) == set(reference)
+    assert all(torch.equal(encoder[k], full[f"encoder.{k}"]) for k in encoder)
+    weights = run_dir / "weights" / "encoder.safetensors"
+    model = models.create_model("convnextv2_test", with_head=False, pretrained=weights)
+    assert torch.equal(model.stem[0].weight, encoder["stem.0.weight"])
+
+
+def test_end_to_end_on_an_in_memory_dataset(tmp_path):
+    ds = datasets.Dataset.from_dict({"img": [random_image(i, mode="L") for i in range(8)], "label": list(range(8))},
+                                    features=datasets.Features({"img": datasets.Image(),
+                                                                "label": datasets.Value("int64")}))
+    cfg = tiny_config(tmp_path / "run", "train.epochs=1", "train.max_steps=2")
+    run_dir = run_pretraining(cfg, dataset=ds)
+    assert [m["step"] for m in events(run_dir, "metrics")] == [1, 2]
+    assert (run_dir / "checkpoints" / "checkpoint_00000002" / "model.safetensors").is_file()
+    assert (run_dir / "weights" / "encoder.safetensors").is_file()
+    assert (run_dir / "previews" / "step_00000002.png").is_file()
+    assert events(run_dir, "end")[0]["data_issues"] == "0 images skipped; 8 converted (channels 8)"
+
+
+def test_overfitting_a_fixed_batch_drives_the_loss_down(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "data.generated_images=2", "train.batch_size=2", "data.crop_scale=[1.0, 1.0]",
+                      "data.crop_ratio=[1.0, 1.0]", "data.hflip=0.0", "model.decoder_embed_dim=64",
+                      "train.epochs=60", "optim.lr=3e-3", "optim.warmup_epochs=5", "optim.min_lr=1e-3",
+                      "checkpoint.every_epochs=1000")
+    losses = [m["train/loss"] for m in events(run_pretraining(cfg), "metrics")]
+    assert len(losses) == 60
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = ["data.generated_images=16", "train.batch_size=2", "train.gradient_accumulation_steps=2",
+              "train.epochs=3", "model.drop_path_rate=0.2", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
+    straight = run_pretraining(tiny_config(tmp_path / "a", *common, "train.max_steps=10"))
+    run_pretraining(tiny_config(tmp_path / "b", *common, "train.max_steps=5"))
+    reset_accelerate()
+    resumed = run_pretraining(tiny_config(tmp_path / "b", *common, "train.max_steps=10"))
+    assert events(resumed, "resume")[0]["step"] == 5
+    a = load_file(straight / "weights" / "fcmae.safetensors")
+    b = load_file(resumed / "weights" / "fcmae.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    loss_a = {m["step"]: m["train/loss"] for m in events(straight, "metrics")}
+    loss_b = {m["step"]: m["train/loss"] for m in events(resumed, "metrics")}
+    assert all(loss_b[s] == pytest.approx(loss_a[s], abs=1e-6) for s in range(6, 11))
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint_00000009",
+                                                                           "checkpoint_00000010"]
+
+
+def test_folder_with_corrupt_and_non_image_files_still_trains(tmp_path, caplog):
+    folder = tmp_path / "images"
+    write_images(folder, 8)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "readme.txt").write_text("ignored: not an image extension")
+    cfg = tiny_config(tmp_path / "run", f"data.path={folder}", "train.epochs=3")
+    with caplog.at_level("WARNING"):
+        run_dir = run_pretraining(cfg)
+    end = events(run_dir, "end")[0]
+    assert end["step"] == 6
+    skipped = int(end["data_issues"].split()[0])
+    assert skipped > 0 and end["data_issues"] == f"{skipped} images skipped (corrupt {skipped}); 0 converted"
+    named = {name for r in caplog.records for name in ("broken.jpg", "empty.png", "readme.txt") if name in r.message}
+    assert named == {"broken.jpg", "empty.png"}
