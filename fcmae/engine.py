@@ -114,31 +114,44 @@ class Engine:
 
     def optimizer_step(self, local_loss: Tensor) -> StepStats:
         """Set the lr, clip, check finiteness on every process alike, then step or skip."""
-        acc, state = self.accelerator, self.state
-        lr = self.schedule(state.step)
-        apply_lr(self.optimizer, lr)
-        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.clip_grad or math.inf))
-        loss = float(acc.reduce(local_loss, reduction="mean"))
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        fp16_overflow = acc.scaler is not None and math.isfinite(loss)
-        if finite or fp16_overflow:
-            self.optimizer.step()
-            state.nonfinite_in_a_row = 0
-        else:
-            if acc.scaler is not None:
-                acc.scaler.update()
-            state.nonfinite_in_a_row += 1
-            state.nonfinite_total += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.images_seen += self.global_batch
-        if state.nonfinite_in_a_row >= self.stop_after_nonfinite:
-            raise NonFiniteLossError(
-                f"{state.nonfinite_in_a_row} optimizer steps in a row (up to step {state.step}) had a non-finite "
-                f"loss or gradient (last loss {loss}, grad norm {grad_norm}); stopping without saving. The last "
-                f"checkpoint is intact. Try a lower optim.blr, optim.clip_grad, or bf16 instead of fp16."
-            )
-        return StepStats(loss=loss, lr=lr, grad_norm=grad_norm, skipped=not finite)
+        return optimizer_step(self.accelerator, self.model, self.optimizer, self.schedule, self.state, local_loss,
+                              global_batch=self.global_batch, clip_grad=self.clip_grad,
+                              stop_after_nonfinite=self.stop_after_nonfinite)
+
+
+def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   schedule: Callable[[int], float], state: TrainState, local_loss: Tensor, *, global_batch: int,
+                   clip_grad: float | None, stop_after_nonfinite: int) -> StepStats:
+    """One optimizer step, shared by pretraining and finetuning.
+
+    Sets the lr from ``schedule(state.step)``, clips, checks finiteness on every process alike, then steps
+    or skips and counts (see the module docstring).
+    """
+    acc = accelerator
+    lr = schedule(state.step)
+    apply_lr(optimizer, lr)
+    grad_norm = float(acc.clip_grad_norm_(model.parameters(), clip_grad or math.inf))
+    loss = float(acc.reduce(local_loss, reduction="mean"))
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    fp16_overflow = acc.scaler is not None and math.isfinite(loss)
+    if finite or fp16_overflow:
+        optimizer.step()
+        state.nonfinite_in_a_row = 0
+    else:
+        if acc.scaler is not None:
+            acc.scaler.update()
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_total += 1
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.images_seen += global_batch
+    if state.nonfinite_in_a_row >= stop_after_nonfinite:
+        raise NonFiniteLossError(
+            f"{state.nonfinite_in_a_row} optimizer steps in a row (up to step {state.step}) had a non-finite "
+            f"loss or gradient (last loss {loss}, grad norm {grad_norm}); stopping without saving. The last "
+            f"checkpoint is intact. Try a lower optim.blr, optim.clip_grad, or bf16 instead of fp16."
+        )
+    return StepStats(loss=loss, lr=lr, grad_norm=grad_norm, skipped=not finite)
 
 
 def parameters_finite(accelerator: Accelerator, model: nn.Module) -> bool:

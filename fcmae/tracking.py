@@ -39,12 +39,17 @@ class RunLog:
     """Metrics and events to ``log.jsonl`` and the trackers; a tqdm bar (step, loss, lr, images/s, ETA)."""
 
     def __init__(self, accelerator: Accelerator, run_dir: Path, total_steps: int, start_step: int,
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, desc: str = "pretrain"):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = run_dir / "log.jsonl"
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
                         disable=not (self.main and progress_bar))
+        if self.main and self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:  # a run killed mid-line must not glue two events together
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def event(self, name: str, **fields: Any) -> None:
         """Append ``{"event": name, "time": ..., **fields}`` to log.jsonl."""
