@@ -32,7 +32,7 @@ class ModelConfig:
     norm_pix_loss: bool = True  # per-patch normalised pixel targets
     in_chans: int = 3  # 1 (grayscale), 3 (RGB) or 4 (RGBA)
     grn_scope: Literal["sample", "batch"] = "sample"  # GRN statistics per sample (paper) or per batch (official ME)
-    pretrained: str | None = None  # FCMAE or encoder weights to start from (loaded strictly)
+    pretrained: str | None = None  # FCMAE or encoder weights (file or folder, any layout models.checkpoint reads)
     drop_path_rate: float = 0.0  # stochastic depth of the encoder
 
     def validate(self) -> None:
@@ -43,8 +43,8 @@ class ModelConfig:
         _check(self.decoder_embed_dim >= 1, "decoder_embed_dim", f"must be >= 1, got {self.decoder_embed_dim}")
         _check(self.in_chans in (1, 3, 4), "in_chans", f"must be 1, 3 or 4 for image data, got {self.in_chans}")
         _check(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
-        if self.pretrained is not None and not Path(self.pretrained).is_file():
-            raise ConfigError("pretrained", f"file not found: {self.pretrained}")
+        if self.pretrained is not None and not Path(self.pretrained).exists():
+            raise ConfigError("pretrained", f"not found: {self.pretrained}")
 
 
 @dataclass
