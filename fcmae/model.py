@@ -126,8 +126,12 @@ class FCMAE(nn.Module):
             generator: for the random mask.
         """
         grid = self.grid(imgs)
-        mask = self.random_mask(imgs, generator) if mask is None else as_grid_mask(mask, imgs.shape[0], grid)
-        latent = self.sparse_backend.densify(self.encoder.forward_masked(imgs, mask))
+        if mask is None:
+            mask = self.random_mask(imgs, generator)
+            visible = num_visible(grid[0] * grid[1], self.mask_ratio)
+        else:
+            mask, visible = as_grid_mask(mask, imgs.shape[0], grid), None
+        latent = self.sparse_backend.densify(self.encoder.forward_masked(imgs, mask, visible))
         pred = self.forward_decoder(latent, mask)
         flat_mask = mask.flatten(1)
         return FCMAEOutput(self.forward_loss(imgs, pred, flat_mask), pred, flat_mask)

@@ -170,12 +170,14 @@ class ConvNeXtV2(nn.Module):
             return x.mean(dim=(2, 3))
         return self.forward_head(x)
 
-    def forward_masked(self, x: Tensor, mask: Tensor) -> Any:
+    def forward_masked(self, x: Tensor, mask: Tensor, visible_per_sample: int | None = None) -> Any:
         """Encode the visible patches through the sparse backend.
 
         Args:
             x: (B, in_chans, H, W), H and W multiples of 32.
             mask: (B, H/32, W/32) bool, True = masked.
+            visible_per_sample: optional promise that every sample keeps exactly this many patches
+                (see ``SparseBackend.sparsify``).
 
         Returns:
             The backend's feature object at stride 32; ``self.sparse_backend.densify`` gives a
@@ -187,7 +189,7 @@ class ConvNeXtV2(nn.Module):
         expected = (x.shape[0], x.shape[-2] // TOTAL_STRIDE, x.shape[-1] // TOTAL_STRIDE)
         if tuple(mask.shape) != expected or mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool of shape {expected}, got {mask.dtype} {tuple(mask.shape)}")
-        feats = self.sparse_backend.sparsify(self.stem(x), mask)
+        feats = self.sparse_backend.sparsify(self.stem(x), mask, visible_per_sample)
         for i, stage in enumerate(self.stages):
             if i > 0:
                 feats = self.sparse_backend.downsample(stage.downsample, feats)

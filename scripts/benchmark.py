@@ -82,7 +82,7 @@ def build_step(size: str, backend: str, compile_model: bool, precision: str, dev
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    forward = torch.compile(model) if compile_model else model
+    forward = torch.compile(model, mode=args.compile_mode) if compile_model else model
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     if device.type == "cuda":

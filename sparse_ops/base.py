@@ -59,12 +59,15 @@ class SparseBackend(ABC):
         return f"{type(self).__name__}(grn_scope={self.grn_scope!r})"
 
     @abstractmethod
-    def sparsify(self, x: Tensor, mask: Tensor) -> Any:
+    def sparsify(self, x: Tensor, mask: Tensor, visible_per_sample: int | None = None) -> Any:
         """Mask the stem output.
 
         Args:
             x: (B, C, H, W) dense stem output.
             mask: (B, h, w) bool, True = masked; H and W are multiples of h and w.
+            visible_per_sample: the caller's promise that every sample keeps exactly this many
+                patches (true of :func:`fcmae.random_mask`); lets a backend skip counting, which
+                would wait for the GPU. None: nothing is promised.
 
         Returns:
             The backend's feature object for the visible sites.

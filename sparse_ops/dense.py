@@ -34,7 +34,7 @@ class DenseMaskedBackend(SparseBackend):
 
     name = "dense"
 
-    def sparsify(self, x: Tensor, mask: Tensor) -> MaskedDense:
+    def sparsify(self, x: Tensor, mask: Tensor, visible_per_sample: int | None = None) -> MaskedDense:
         scale = (x.shape[-2] // mask.shape[-2], x.shape[-1] // mask.shape[-1])
         keep = (~mask)[:, None].to(x.dtype)
         keep = keep.repeat_interleave(scale[0], dim=2).repeat_interleave(scale[1], dim=3)

@@ -125,7 +125,7 @@ class MinkowskiBackend(SparseBackend):
         super().__init__(grn_scope)
         import_minkowski()  # fail at construction, not at the first forward
 
-    def sparsify(self, x: Tensor, mask: Tensor) -> MinkowskiSites:
+    def sparsify(self, x: Tensor, mask: Tensor, visible_per_sample: int | None = None) -> MinkowskiSites:
         batch, _, height, width = x.shape
         keep = (~mask).repeat_interleave(height // mask.shape[-2], dim=1)
         keep = keep.repeat_interleave(width // mask.shape[-1], dim=2)

@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 from sparse_ops.base import BlockLike, SparseBackend
 from sparse_ops.functional import drop_path_scale, grn_response
-from sparse_ops.sparse_dwconv import kernel_available, site_map_for, sparse_depthwise_conv
+from sparse_ops.sparse_dwconv import kernel_available, padded_site_index, sparse_depthwise_conv
+
+DWCONV_PAD = 3  # the blocks' 7x7 depthwise conv
 
 
 @functools.cache
@@ -42,6 +44,20 @@ def morton_offsets(side: int) -> tuple[tuple[int, int], ...]:
     )
 
 
+_OFFSETS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _offsets_on(side: int, device: torch.device) -> Tensor:
+    """:func:`morton_offsets` as a (side*side, 2) long tensor on ``device``, made once per device.
+
+    Cached because a host-to-device copy per stage and step would synchronise the stream.
+    """
+    key = (side, torch.device(device))
+    if key not in _OFFSETS:
+        _OFFSETS[key] = torch.tensor(morton_offsets(side), device=device)
+    return _OFFSETS[key]
+
+
 @dataclass
 class PackedSites:
     """Visible sites of a batch at one resolution.
@@ -54,7 +70,7 @@ class PackedSites:
         flat_index: (N,) long index of every site into the flattened (B * H * W) grid.
         batch_index: (N,) long sample of every site.
         per_sample: sites per sample when all samples have the same number, else None.
-        site_map: (B * H * W,) int32 packed row of every grid position (-1 masked) when the CUDA
+        centre: (N,) long index of every site into the grid padded by 3 on each side, when the CUDA
             kernel runs the depthwise conv, else None.
     """
 
@@ -65,7 +81,7 @@ class PackedSites:
     flat_index: Tensor
     batch_index: Tensor
     per_sample: int | None
-    site_map: Tensor | None
+    centre: Tensor | None
 
     @property
     def batch_size(self) -> int:
@@ -74,7 +90,7 @@ class PackedSites:
 
 def _site_indices(patches: Tensor, side: int, height: int, width: int) -> tuple[Tensor, Tensor]:
     """Flat grid index and sample index of every site of the visible patches, in packing order."""
-    offsets = torch.tensor(morton_offsets(side), device=patches.device)  # (side*side, 2)
+    offsets = _offsets_on(side, patches.device)  # (side*side, 2)
     b, py, px = patches[:, 0:1], patches[:, 1:2], patches[:, 2:3]
     rows = py * side + offsets[:, 0]  # (P, side*side)
     cols = px * side + offsets[:, 1]
@@ -88,22 +104,24 @@ def _site_tables(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Flat index, sample index and (for the CUDA kernel) the grid -> row map of every site."""
     flat, batch_index = _site_indices(patches, side, shape[1], shape[2])
-    site_map = site_map_for(flat, shape[0] * shape[1] * shape[2]) if kernel_available(values) else None
-    return flat, batch_index, site_map
+    centre = padded_site_index(flat, shape, DWCONV_PAD) if kernel_available(values) else None
+    return flat, batch_index, centre
 
 
 @torch.compiler.disable
-def _visible_patches(mask: Tensor) -> tuple[Tensor, int | None]:
+def _visible_patches(mask: Tensor, visible_per_sample: int | None) -> tuple[Tensor, int | None]:
     """(P, 3) sorted (batch, row, col) of visible patches, and the per-sample count if uniform.
 
-    One host sync (the count); uniform masks avoid ``nonzero``.
+    Without a count hint this costs one host sync (counting); with it, none.
     """
     batch, _, width = mask.shape
     flat = mask.flatten(1)
-    counts = (~flat).sum(1)
-    low, high = torch.stack((counts.min(), counts.max())).tolist()
-    if low != high:
-        return (~mask).nonzero(), None
+    low = visible_per_sample
+    if low is None:
+        counts = (~flat).sum(1)
+        low, high = torch.stack((counts.min(), counts.max())).tolist()
+        if low != high:
+            return (~mask).nonzero(), None
     ids = torch.argsort(flat.to(torch.int32), dim=1, stable=True)[:, :low]  # visible ids, ascending
     rows = torch.arange(batch, device=mask.device).repeat_interleave(low)
     ids = ids.reshape(-1)
@@ -123,14 +141,14 @@ class NativeSparseBackend(SparseBackend):
 
     name = "native"
 
-    def sparsify(self, x: Tensor, mask: Tensor) -> PackedSites:
+    def sparsify(self, x: Tensor, mask: Tensor, visible_per_sample: int | None = None) -> PackedSites:
         batch, channels, height, width = x.shape
         side = height // mask.shape[-2]
-        patches, patches_per_sample = _visible_patches(mask)
+        patches, patches_per_sample = _visible_patches(mask, visible_per_sample)
         per_sample = None if patches_per_sample is None else patches_per_sample * side * side
-        flat, batch_index, site_map = _site_tables(patches, side, (batch, height, width), x)
+        flat, batch_index, centre = _site_tables(patches, side, (batch, height, width), x)
         values = x.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, flat)
-        return PackedSites(values, patches, side, (batch, height, width), flat, batch_index, per_sample, site_map)
+        return PackedSites(values, patches, side, (batch, height, width), flat, batch_index, per_sample, centre)
 
     def densify(self, feats: PackedSites) -> Tensor:
         return _scatter_dense(feats, feats.values).permute(0, 3, 1, 2)
@@ -143,9 +161,7 @@ class NativeSparseBackend(SparseBackend):
 
     def _depthwise(self, conv: nn.Conv2d, feats: PackedSites) -> Tensor:
         """7x7 depthwise conv reading visible neighbours only: (N, C) -> (N, C)."""
-        return sparse_depthwise_conv(
-            feats.values, feats.flat_index, feats.site_map, conv.weight, conv.bias, feats.shape
-        )
+        return sparse_depthwise_conv(feats.values, feats.flat_index, feats.centre, conv.weight, conv.bias, feats.shape)
 
     def _grn_nx(self, feats: PackedSites):
         if self.grn_scope == "batch":
@@ -182,5 +198,5 @@ class NativeSparseBackend(SparseBackend):
         batch, height, width = feats.shape
         per_sample = feats.per_sample // 4 if feats.per_sample is not None else None
         shape = (batch, height // 2, width // 2)
-        flat, batch_index, site_map = _site_tables(feats.patches, feats.side // 2, shape, x)
-        return PackedSites(x, feats.patches, feats.side // 2, shape, flat, batch_index, per_sample, site_map)
+        flat, batch_index, centre = _site_tables(feats.patches, feats.side // 2, shape, x)
+        return PackedSites(x, feats.patches, feats.side // 2, shape, flat, batch_index, per_sample, centre)

@@ -1,15 +1,15 @@
-"""Depthwise k x k convolution computed at visible sites only, reading visible neighbours only.
+"""Depthwise k x k convolution computed at visible sites only.
 
-Input is packed: ``values`` (N, C) in any site order, ``site_flat`` (N,) each site's flat index into
-the (B, H, W) grid, and ``site_map`` (B * H * W,) int32 holding each grid position's row in
-``values`` or -1 where masked. Output (N, C) equals a dense zero-padded depthwise conv of the
-zero-filled grid, read at the visible sites.
+Input is packed: ``values`` (N, C) in any site order and ``site_flat`` (N,), each site's flat index
+into the (B, H, W) grid. Output (N, C) equals a dense zero-padded depthwise conv of the zero-filled
+grid, read at the visible sites; masked sites contribute zeros.
 
-On CUDA a Triton kernel gathers the k*k neighbours of each site directly from the packed rows (no
-dense buffer, no work at masked sites); the input gradient is the same kernel with the kernel
-flipped, and the weight gradient a per-offset reduction. Elsewhere the pure PyTorch path scatters
-into a zero buffer, runs ``F.conv2d`` and gathers back. Both are registered as a torch custom op so
-``torch.compile`` treats the kernel as one opaque node.
+On CUDA the visible rows are scattered into a zero-padded channels-last buffer and a Triton kernel
+computes the k*k taps at the visible sites only (0.39 of the dense work at FCMAE's 60% masking);
+the input gradient is the same kernel with the kernel flipped, applied to the scattered output
+gradient, and the weight gradient is cuDNN's on the padded buffers. Elsewhere the pure PyTorch path
+scatters into a zero grid, runs ``F.conv2d`` and gathers back. The CUDA path is a torch custom op so
+``torch.compile`` keeps it as one opaque node.
 """
 
 from __future__ import annotations
@@ -25,12 +25,17 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
-def site_map_for(site_flat: Tensor, grid_numel: int) -> Tensor:
-    """(B * H * W,) int32 map from grid position to packed row, -1 at masked positions."""
-    site_map = torch.full((grid_numel,), -1, dtype=torch.int32, device=site_flat.device)
-    return site_map.index_copy_(
-        0, site_flat, torch.arange(site_flat.numel(), dtype=torch.int32, device=site_flat.device)
-    )
+def kernel_available(values: Tensor) -> bool:
+    """True when the Triton kernel serves ``values`` (CUDA with Triton installed)."""
+    return values.is_cuda and triton is not None
+
+
+def padded_site_index(site_flat: Tensor, shape: tuple[int, int, int], pad: int) -> Tensor:
+    """Flat index of every site into the (B, H + 2 pad, W + 2 pad) grid: (N,) long."""
+    _, height, width = shape
+    b, rem = site_flat.div(height * width, rounding_mode="floor"), site_flat % (height * width)
+    y, x = rem.div(width, rounding_mode="floor"), rem % width
+    return (b * (height + 2 * pad) + y + pad) * (width + 2 * pad) + x + pad
 
 
 def _reference(
@@ -41,218 +46,128 @@ def _reference(
     channels = values.shape[-1]
     dense = values.new_zeros(b * h * w, channels).index_copy_(0, site_flat, values)
     dense = dense.view(b, h, w, channels).permute(0, 3, 1, 2)
-    out = F.conv2d(
-        dense,
-        weight.to(values.dtype),
-        None if bias is None else bias.to(values.dtype),
-        padding=weight.shape[-1] // 2,
-        groups=channels,
-    )
+    bias = None if bias is None else bias.to(values.dtype)
+    out = F.conv2d(dense, weight.to(values.dtype), bias, padding=weight.shape[-1] // 2, groups=channels)
     return out.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, site_flat)
 
 
 if triton is not None:
 
+    @triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_N": 32, "BLOCK_C": 64}, num_warps=4),
+            triton.Config({"BLOCK_N": 64, "BLOCK_C": 64}, num_warps=4),
+            triton.Config({"BLOCK_N": 16, "BLOCK_C": 128}, num_warps=4),
+            triton.Config({"BLOCK_N": 64, "BLOCK_C": 32}, num_warps=2),
+        ],
+        key=["C", "WP"],
+    )
     @triton.jit
-    def _gather_conv_kernel(
-        values,
-        site_flat,
-        site_map,
-        weight,
-        bias,
-        out,
-        N,
-        C,
-        H,
-        W,
-        K: tl.constexpr,
-        FLIP: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
+    def _padded_conv_kernel(
+        xpad, centre, weight, bias, out, N, C, WP,
+        K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mn = rn < N
         mc = rc < C
-        flat = tl.load(site_flat + rn, mask=mn, other=0)
-        hw = H * W
-        b = flat // hw
-        y = (flat % hw) // W
-        x = flat % W
+        tile = mn[:, None] & mc[None, :]
+        base = tl.load(centre + rn, mask=mn, other=0).to(tl.int64)
         acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         for ky in tl.static_range(K):
-            yy = y + ky - K // 2
             for kx in tl.static_range(K):
-                xx = x + kx - K // 2
-                inside = mn & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-                row = tl.load(site_map + b * hw + yy * W + xx, mask=inside, other=-1)
-                ok = row >= 0
-                v = tl.load(
-                    values + row.to(tl.int64)[:, None] * C + rc[None, :], mask=ok[:, None] & mc[None, :], other=0.0
-                )
+                pos = base + (ky - K // 2) * WP + (kx - K // 2)
+                v = tl.load(xpad + pos[:, None] * C + rc[None, :], mask=tile, other=0.0)
                 tap = (K * K - 1 - (ky * K + kx)) if FLIP else (ky * K + kx)
                 wk = tl.load(weight + rc * (K * K) + tap, mask=mc, other=0.0)
                 acc += v.to(tl.float32) * wk.to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias + rc, mask=mc, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            out + rn.to(tl.int64)[:, None] * C + rc[None, :],
-            acc.to(out.dtype.element_ty),
-            mask=mn[:, None] & mc[None, :],
-        )
-
-    @triton.jit
-    def _weight_grad_kernel(
-        values,
-        grad_out,
-        site_flat,
-        site_map,
-        grad_weight,
-        N,
-        C,
-        H,
-        W,
-        ROWS,
-        K: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
-        tap = tl.program_id(0)
-        rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        start = tl.program_id(2) * ROWS
-        mc = rc < C
-        ky = tap // K
-        kx = tap % K
-        hw = H * W
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for offset in range(0, ROWS, BLOCK_N):
-            rn = start + offset + tl.arange(0, BLOCK_N)
-            mn = rn < N
-            flat = tl.load(site_flat + rn, mask=mn, other=0)
-            b = flat // hw
-            yy = (flat % hw) // W + ky - K // 2
-            xx = flat % W + kx - K // 2
-            inside = mn & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-            row = tl.load(site_map + b * hw + yy * W + xx, mask=inside, other=-1)
-            ok = row >= 0
-            v = tl.load(values + row.to(tl.int64)[:, None] * C + rc[None, :], mask=ok[:, None] & mc[None, :], other=0.0)
-            g = tl.load(
-                grad_out + rn.to(tl.int64)[:, None] * C + rc[None, :], mask=mn[:, None] & mc[None, :], other=0.0
-            )
-            acc += tl.sum(v.to(tl.float32) * g.to(tl.float32), axis=0)
-        tl.atomic_add(grad_weight + rc * (K * K) + tap, acc, mask=mc)
+        tl.store(out + rn.to(tl.int64)[:, None] * C + rc[None, :], acc.to(out.dtype.element_ty), mask=tile)
 
 
-def _block_c(channels: int) -> int:
-    return min(128, triton.next_power_of_2(channels))
+def _scatter_padded(values: Tensor, centre: Tensor, shape: tuple[int, int, int], pad: int) -> Tensor:
+    """(B, H + 2 pad, W + 2 pad, C) zero buffer holding ``values`` at the sites."""
+    b, h, w = shape
+    buffer = values.new_zeros(b * (h + 2 * pad) * (w + 2 * pad), values.shape[-1])
+    return buffer.index_copy_(0, centre, values).view(b, h + 2 * pad, w + 2 * pad, -1)
 
 
-def _gather_conv(
-    values: Tensor, site_flat: Tensor, site_map: Tensor, taps: Tensor, bias: Tensor | None, shape, flip: bool
-) -> Tensor:
-    """Triton launch: out[n] = sum_k values[neighbour_k(n)] * taps[:, k] (+ bias); taps (C, k*k)."""
-    n, channels = values.shape
-    out = values.new_empty(values.shape)
-    block_n, block_c = 32, _block_c(channels)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(channels, block_c))
+def _padded_conv(xpad: Tensor, centre: Tensor, taps: Tensor, bias: Tensor | None, flip: bool) -> Tensor:
+    """Triton launch: (N, C) = sum over taps of xpad around each ``centre``; taps (C, k*k)."""
+    n, channels = centre.numel(), xpad.shape[-1]
+    out = xpad.new_empty(n, channels)
+
+    def grid(meta):
+        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(channels, meta["BLOCK_C"])
+
     k = int(round(taps.shape[1] ** 0.5))
-    _gather_conv_kernel[grid](
-        values,
-        site_flat,
-        site_map,
-        taps,
-        out if bias is None else bias,
-        out,
-        n,
-        channels,
-        shape[1],
-        shape[2],
-        K=k,
-        FLIP=flip,
-        HAS_BIAS=bias is not None,
-        BLOCK_N=block_n,
-        BLOCK_C=block_c,
-    )
+    _padded_conv_kernel[grid](
+        xpad, centre, taps, out if bias is None else bias, out, n, channels, xpad.shape[2],
+        K=k, FLIP=flip, HAS_BIAS=bias is not None,
+    )  # fmt: skip
     return out
 
 
 @torch.library.custom_op("fcmae::sparse_depthwise_conv", mutates_args=(), device_types="cuda")
 def sparse_depthwise_conv_op(
-    values: Tensor, site_flat: Tensor, site_map: Tensor, taps: Tensor, bias: Tensor | None, height: int, width: int
+    values: Tensor, centre: Tensor, taps: Tensor, bias: Tensor | None, batch: int, height: int, width: int
 ) -> Tensor:
-    """Packed depthwise conv on CUDA; ``taps`` (C, k*k), taps in row-major kernel order; ``bias`` (C,)."""
-    batch = site_map.numel() // (height * width)
-    values, taps = values.contiguous(), taps.contiguous()
-    return _gather_conv(values, site_flat, site_map, taps, bias, (batch, height, width), False)
+    """Packed depthwise conv on CUDA; ``centre`` from :func:`padded_site_index`; ``taps`` (C, k*k)."""
+    pad = int(round(taps.shape[1] ** 0.5)) // 2
+    xpad = _scatter_padded(values.contiguous(), centre, (batch, height, width), pad)
+    return _padded_conv(xpad, centre, taps.contiguous(), bias, flip=False)
 
 
 @sparse_depthwise_conv_op.register_fake
-def _(values, site_flat, site_map, taps, bias, height, width):
+def _(values, centre, taps, bias, batch, height, width):
     return values.new_empty(values.shape)
 
 
 @torch.library.custom_op("fcmae::sparse_depthwise_conv_backward", mutates_args=(), device_types="cuda")
 def sparse_depthwise_conv_backward_op(
-    grad_out: Tensor, values: Tensor, site_flat: Tensor, site_map: Tensor, taps: Tensor, height: int, width: int
+    grad_out: Tensor, values: Tensor, centre: Tensor, taps: Tensor, batch: int, height: int, width: int
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`sparse_depthwise_conv_op` for ``values`` (N, C) and ``taps`` (C, k*k)."""
-    batch = site_map.numel() // (height * width)
-    grad_out = grad_out.contiguous()
-    grad_values = _gather_conv(grad_out, site_flat, site_map, taps.contiguous(), None, (batch, height, width), True)
-    n, channels = values.shape
-    grad_taps = torch.zeros(taps.shape, dtype=torch.float32, device=taps.device)
-    rows, block_c = 4096, _block_c(channels)
-    grid = (taps.shape[1], triton.cdiv(channels, block_c), triton.cdiv(n, rows))
-    _weight_grad_kernel[grid](
-        values.contiguous(),
-        grad_out,
-        site_flat,
-        site_map,
-        grad_taps,
-        n,
-        channels,
-        height,
-        width,
-        rows,
-        K=int(round(taps.shape[1] ** 0.5)),
-        BLOCK_N=32,
-        BLOCK_C=block_c,
+    k = int(round(taps.shape[1] ** 0.5))
+    shape = (batch, height, width)
+    gpad = _scatter_padded(grad_out.contiguous(), centre, shape, k // 2)
+    grad_values = _padded_conv(gpad, centre, taps.contiguous(), None, flip=True)
+    xpad = _scatter_padded(values.contiguous(), centre, shape, k // 2).permute(0, 3, 1, 2)
+    grad_dense = gpad[:, k // 2 : k // 2 + height, k // 2 : k // 2 + width].permute(0, 3, 1, 2)
+    weight = taps.view(-1, 1, k, k)
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_dense, xpad, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], weight.shape[0], [False, True, False]
     )
-    return grad_values, grad_taps.to(taps.dtype)
+    return grad_values, grad_weight.reshape(taps.shape)
 
 
 @sparse_depthwise_conv_backward_op.register_fake
-def _(grad_out, values, site_flat, site_map, taps, height, width):
+def _(grad_out, values, centre, taps, batch, height, width):
     return values.new_empty(values.shape), taps.new_empty(taps.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    values, site_flat, site_map, taps, bias, height, width = inputs
-    ctx.save_for_backward(values, site_flat, site_map, taps)
-    ctx.shape = (height, width)
+    values, centre, taps, bias, batch, height, width = inputs
+    ctx.save_for_backward(values, centre, taps)
+    ctx.shape = (batch, height, width)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out):
-    values, site_flat, site_map, taps = ctx.saved_tensors
-    grad_values, grad_taps = sparse_depthwise_conv_backward_op(grad_out, values, site_flat, site_map, taps, *ctx.shape)
+    values, centre, taps = ctx.saved_tensors
+    grad_values, grad_taps = sparse_depthwise_conv_backward_op(grad_out, values, centre, taps, *ctx.shape)
     grad_bias = grad_out.sum(0, dtype=torch.float32).to(grad_out.dtype) if ctx.has_bias else None
-    return grad_values, None, None, grad_taps, grad_bias, None, None
+    return grad_values, None, grad_taps, grad_bias, None, None, None
 
 
 sparse_depthwise_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def kernel_available(values: Tensor) -> bool:
-    """True when the Triton kernel serves ``values`` (CUDA with Triton installed)."""
-    return values.is_cuda and triton is not None
-
-
 def sparse_depthwise_conv(
     values: Tensor,
     site_flat: Tensor,
-    site_map: Tensor | None,
+    centre: Tensor | None,
     weight: Tensor,
     bias: Tensor | None,
     shape: tuple[int, int, int],
@@ -262,8 +177,8 @@ def sparse_depthwise_conv(
     Args:
         values: (N, C) visible features.
         site_flat: (N,) long flat index of every site into the (B, H, W) grid.
-        site_map: (B * H * W,) int32 row of each grid position, -1 where masked (:func:`site_map_for`);
-            None forces the PyTorch path.
+        centre: (N,) long index of every site into the padded grid (:func:`padded_site_index` with
+            pad k // 2), or None for the PyTorch path.
         weight: (C, 1, k, k) depthwise conv weight, k odd; zero padding k // 2.
         bias: (C,) or None.
         shape: (B, H, W).
@@ -271,8 +186,8 @@ def sparse_depthwise_conv(
     Returns:
         (N, C) conv output at the visible sites.
     """
-    if site_map is None or not kernel_available(values):
+    if centre is None or not kernel_available(values):
         return _reference(values, site_flat, weight, bias, shape)
     taps = weight.flatten(1).to(values.dtype)  # (C, k*k), tap index ky * k + kx
     bias = None if bias is None else bias.to(values.dtype)
-    return sparse_depthwise_conv_op(values, site_flat, site_map, taps, bias, shape[1], shape[2])
+    return sparse_depthwise_conv_op(values, centre, taps, bias, *shape)

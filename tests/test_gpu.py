@@ -8,7 +8,7 @@ import torch
 from fcmae import create_fcmae, random_mask
 from models import create_model
 from sparse_ops.native import NativeSparseBackend
-from sparse_ops.sparse_dwconv import _reference, site_map_for, sparse_depthwise_conv
+from sparse_ops.sparse_dwconv import _reference, padded_site_index, sparse_depthwise_conv
 from tests.helpers import perturb_parameters, relative_error
 
 pytestmark = pytest.mark.gpu
@@ -22,8 +22,8 @@ def test_triton_depthwise_matches_reference(dtype):
     values = feats.values.to(dtype).requires_grad_()
     weight = torch.randn(c, 1, 7, 7, device="cuda", requires_grad=True)
     bias = torch.randn(c, device="cuda", requires_grad=True)
-    site_map = site_map_for(feats.flat_index, b * h * w)
-    out = sparse_depthwise_conv(values, feats.flat_index, site_map, weight, bias, (b, h, w))
+    centre = padded_site_index(feats.flat_index, (b, h, w), 3)
+    out = sparse_depthwise_conv(values, feats.flat_index, centre, weight, bias, (b, h, w))
     probe = torch.randn_like(out)
     grads = torch.autograd.grad((out * probe).sum(), (values, weight, bias))
     v32 = values.detach().float().requires_grad_()
