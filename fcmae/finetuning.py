@@ -31,7 +31,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import fcmae
-from fcmae.config import flatten_config, save_config
+from fcmae.config import ConfigError, flatten_config, save_config
 from fcmae.engine import StepStats, parameters_finite
 from fcmae.finetune_config import FinetuneConfig, FinetuneModelConfig, FinetuneOptimConfig
 from fcmae.finetune_data import LabeledSource, build_eval_loader, build_train_loader, load_labeled_source
@@ -119,6 +119,9 @@ class FinetuningRun:
                 cfg.data, cfg.data.train_split, cfg.data.path, train_dataset)
         labeled = self.train_source or self.eval_source
         self.num_classes = cfg.model.num_classes or labeled.num_classes
+        if self.num_classes < labeled.num_classes:
+            raise ConfigError("model.num_classes", f"is {self.num_classes}, but the labels go up to "
+                                                   f"{labeled.num_classes - 1}")
         model = build_classifier(cfg.model, self.num_classes, eval_only=tc.eval_only)
         self.frozen = freeze_encoder(model) if cfg.model.linear_probe else ()
         self.eval_loader = None

@@ -145,6 +145,15 @@ def test_cli_trains_then_evaluates_class_folders(tmp_path, capsys):
     assert exit_info.value.code == 2 and "config error: model.pretrained" in capsys.readouterr().err
 
 
+def test_too_few_classes_for_the_labels(tmp_path, capsys):
+    root = write_class_folders(tmp_path / "data", "train", per_class=2)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_main(["model.name=convnextv2_test", "model.num_classes=3", "data.input_size=32", "data.num_workers=0",
+                       f"data.path={root}", "data.eval_split=null", "log.trackers=[]", f"output_dir={tmp_path / 'o'}"])
+    reset_accelerate()
+    assert exit_info.value.code == 2 and "model.num_classes: is 3, but the labels go up to 3" in capsys.readouterr().err
+
+
 def test_eval_only_refuses_a_classifier_of_other_classes(tmp_path):
     save_file(models.create_model("convnextv2_test", num_classes=10).state_dict(), tmp_path / "cls10.safetensors")
     root = write_class_folders(tmp_path / "data", "val", per_class=1)
