@@ -154,7 +154,7 @@ def test_too_few_classes_for_the_labels(tmp_path, capsys):
     assert exit_info.value.code == 2 and "model.num_classes: is 3, but the labels go up to 3" in capsys.readouterr().err
 
 
-def test_eval_only_refuses_a_classifier_of_other_classes(tmp_path):
+def test_eval_only_refuses_a_classifier_of_other_classes(tmp_path, capsys):
     save_file(models.create_model("convnextv2_test", num_classes=10).state_dict(), tmp_path / "cls10.safetensors")
     root = write_class_folders(tmp_path / "data", "val", per_class=1)
     with pytest.raises(SystemExit) as exit_info:
@@ -162,4 +162,4 @@ def test_eval_only_refuses_a_classifier_of_other_classes(tmp_path):
                        "data.eval_split=val", "train.eval_only=true", "log.trackers=[]",
                        f"model.pretrained={tmp_path / 'cls10.safetensors'}", f"output_dir={tmp_path / 'out'}"])
     reset_accelerate()
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 2 and "mis-shaped (2): head.fc.bias" in capsys.readouterr().err
