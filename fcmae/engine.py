@@ -38,6 +38,10 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """The weights are not finite: nothing is saved from them."""
+
+
 @dataclass
 class StepStats:
     """What one optimizer step did: mean loss over micro-batches and processes, lr, gradient norm."""

@@ -10,7 +10,7 @@ Conversions (each reported, never silent):
 * CMYK, YCbCr, LAB, HSV are converted to RGB (``color-space``).
 * Alpha (RGBA, LA, palette with transparency) is composited on white (``alpha``), or kept when
   the target mode is RGBA.
-* 16-bit and 32-bit integer or float images are rescaled to 8 bits (``16-bit``), never clipped.
+* 16-bit and 32-bit images are rescaled to 8 bits by their bit depth, never clipped (``high-bit-depth``).
 * Grayscale to RGB replicates the channel, RGB to grayscale uses the ITU-R 601 luma (``channels``).
 * Images with a side below the crop size are upscaled by the crop (``small``, reported by the transform).
 """
@@ -72,9 +72,9 @@ def decode_image(source: Any, mode: str = "RGB", max_pixels: int = 89_478_485) -
     img = source if isinstance(source, Image.Image) else _open(source)
     if img.width * img.height > max_pixels:
         raise BadImageError("too-large", f"{img.width}x{img.height} pixels exceeds data.max_image_pixels={max_pixels}")
+    notes = ["high-bit-depth"] if _decodes_from_16_bit(img) else []
     try:
         img.load()
-        notes = []
         if img.getexif().get(0x0112, 1) != 1:
             img = ImageOps.exif_transpose(img)
             notes.append("exif")
@@ -109,7 +109,7 @@ def convert_mode(img: Image.Image, mode: str) -> tuple[Image.Image, list[str]]:
     notes = []
     if img.mode in _HIGH_DEPTH_MODES:
         img = _to_8bit(img)
-        notes.append("16-bit")
+        notes.append("high-bit-depth")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
@@ -125,6 +125,11 @@ def convert_mode(img: Image.Image, mode: str) -> tuple[Image.Image, list[str]]:
         if channels_before != len(img.getbands()):
             notes.append("channels")
     return img, notes
+
+
+def _decodes_from_16_bit(img: Image.Image) -> bool:
+    """PIL reads 16-bit-per-channel colour files (PNG, TIFF) straight into 8-bit RGB; say so."""
+    return img.mode in ("RGB", "RGBA") and any(";16" in str(tile[3]) for tile in getattr(img, "tile", ()) or ())
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -26,14 +26,14 @@ from safetensors.torch import save_file
 import fcmae
 from fcmae.config import ConfigError, flatten_config, save_config
 from fcmae.data import load_image_source
-from fcmae.engine import Engine, StepStats, parameters_finite
+from fcmae.engine import Engine, NonFiniteWeightsError, StepStats, parameters_finite
 from fcmae.images import DataIssues
 from fcmae.knn import KnnMonitor
 from fcmae.loader import build_pretrain_loader, preview_images
 from fcmae.optim import LrSchedule, build_adamw, scaled_lr
 from fcmae.pretrain_config import PretrainConfig
 from fcmae.preview import reconstruction_grid, save_preview
-from fcmae.run_state import CheckpointManager, TrainState
+from fcmae.run_state import CheckpointManager, CheckpointWriteError, TrainState
 from fcmae.tracking import RunLog, default_trackers, memory_gib
 from fcmae.transforms import keyed_generator
 
@@ -216,7 +216,8 @@ class PretrainingRun:
 
     def _save(self) -> None:
         if not parameters_finite(self.accelerator, self.model):
-            raise RuntimeError(f"non-finite weights at step {self.state.step}: refusing to write a checkpoint")
+            raise NonFiniteWeightsError(f"non-finite weights at step {self.state.step}: no checkpoint written; "
+                                        f"the previous checkpoint is intact")
         path = self.checkpoints.save(self.state.step)
         self.log.event("checkpoint", step=self.state.step, path=str(path))
 
@@ -229,11 +230,16 @@ class PretrainingRun:
         encoder = {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}
         meta = {"model": self.cfg.model.name, "step": str(self.state.step), "fcmae_version": fcmae.__version__}
         out = self.run_dir / "weights"
-        out.mkdir(exist_ok=True)
         for name, tensors in (("fcmae", full), ("encoder", encoder)):
             tmp = out / f".{name}.safetensors.tmp"
-            save_file(tensors, str(tmp), metadata=meta)
-            tmp.replace(out / f"{name}.safetensors")
+            try:
+                out.mkdir(exist_ok=True)
+                save_file(tensors, str(tmp), metadata=meta)
+                tmp.replace(out / f"{name}.safetensors")
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise CheckpointWriteError(f"could not write {out / name}.safetensors: {e.strerror or e}; "
+                                           f"the previous file (if any) is intact") from None
 
     def _preview(self) -> None:
         """Save and log the reconstruction of a fixed batch under a fixed mask (main process only)."""

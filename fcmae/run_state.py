@@ -86,7 +86,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return []
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-        return [p for _, p in sorted(found) if _manifest_matches(p)]
+        return [p for _, p in sorted(found) if is_complete_checkpoint(p)]
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -201,7 +201,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _manifest_matches(path: Path) -> bool:
+def is_complete_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a manifest and every file it lists, at the listed size."""
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
         return all((path / name).stat().st_size == size for name, size in files.items())
