@@ -33,6 +33,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> None:
         cfg.data.require_source()
     except ConfigError as e:
         _fail(f"config error: {e}", status=2)
+    from fcmae.data import CorpusError
     from fcmae.engine import NonFiniteLossError, NonFiniteWeightsError
     from fcmae.pretraining import run_pretraining
     from fcmae.run_state import CheckpointWriteError
@@ -41,7 +42,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> None:
         run_pretraining(cfg)
     except ConfigError as e:
         _fail(f"config error: {e}", status=2)
-    except (NonFiniteLossError, NonFiniteWeightsError, CheckpointWriteError) as e:
+    except (NonFiniteLossError, NonFiniteWeightsError, CheckpointWriteError, CorpusError) as e:
         _fail(f"error: {e}", status=1)
 
 

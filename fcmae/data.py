@@ -34,6 +34,10 @@ IMAGE_COLUMN_NAMES = ("image", "img", "image_path", "path", "file", "filepath")
 Issue = tuple[str, str, str]  # (kind, path, detail); kind "skipped:<why>" or "converted:<what>"
 
 
+class CorpusError(RuntimeError):
+    """Too many files in a row could not be decoded: the source is probably not an image corpus."""
+
+
 @dataclass
 class ImageSource:
     """A dataset with undecoded images in ``image_column``; ``problems`` found while listing files."""
@@ -134,7 +138,7 @@ def decode_first_good(sources: Callable[[int], Any], start: int, count: int, mod
         (image, source, issues): issues name every skipped file and the conversions applied.
 
     Raises:
-        RuntimeError: ``max_bad_in_a_row`` consecutive files could not be decoded.
+        CorpusError: ``max_bad_in_a_row`` consecutive files could not be decoded.
     """
     issues: list[Issue] = []
     for attempt in range(max_bad_in_a_row):
@@ -145,7 +149,7 @@ def decode_first_good(sources: Callable[[int], Any], start: int, count: int, mod
             issues.append((f"skipped:{e.kind}", source_name(source), str(e)))
             continue
         return img, source, issues + [(f"converted:{n}", source_name(source), n) for n in notes]
-    raise RuntimeError(
+    raise CorpusError(
         f"{max_bad_in_a_row} consecutive files could not be decoded (from index {start}, last: {issues[-1][1]}: "
         f"{issues[-1][2]}); is this an image corpus? Raise data.max_bad_in_a_row to tolerate more."
     )

@@ -120,7 +120,7 @@ class PretrainingRun:
         acc.register_for_checkpointing(self.state)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", acc, cfg.checkpoint.keep_last)
         self.knn = KnnMonitor(cfg.knn, cfg.data, cfg.model.in_chans, self.issues) if cfg.knn.every_epochs else None
-        self.preview_batch = None
+        self.preview_batch, self._last_preview = None, -1
 
     def run(self) -> Path:
         """Resume if possible, train to ``epochs`` (or ``max_steps``), then write weights and a preview."""
@@ -243,8 +243,9 @@ class PretrainingRun:
 
     def _preview(self) -> None:
         """Save and log the reconstruction of a fixed batch under a fixed mask (main process only)."""
-        if not self.accelerator.is_main_process:
+        if not self.accelerator.is_main_process or self._last_preview == self.state.step:
             return
+        self._last_preview = self.state.step
         model = self.accelerator.unwrap_model(self.model)
         if self.preview_batch is None:
             self.preview_batch = preview_images(self.cfg.data, self.source, self.cfg.log.preview_images,

@@ -11,6 +11,7 @@ from PIL import Image
 
 from fcmae.config import ConfigError
 from fcmae.data import (
+    CorpusError,
     LabeledImages,
     PretrainImages,
     collate_examples,
@@ -159,7 +160,7 @@ def test_all_broken_stops_with_a_clear_message(tmp_path):
         (tmp_path / f"{i}.jpg").write_text("text")
     source = load_image_source(data_cfg(generated_images=0, path=str(tmp_path)))
     t = PretrainTransform(32, (0.2, 1.0), (3 / 4, 4 / 3), 0.5, (0.5,) * 3, (0.5,) * 3)
-    with pytest.raises(RuntimeError, match="3 consecutive files could not be decoded"):
+    with pytest.raises(CorpusError, match="3 consecutive files could not be decoded"):
         PretrainImages(source, t, data_cfg(max_bad_in_a_row=3), in_chans=3, seed=0)[(0, 0)]
 
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from fcmae.cli import pretrain_main
 from fcmae.data import PretrainImages, collate_examples, load_image_source
 from fcmae.images import BadImageError, DataIssues, decode_image, scan_image_folder
 from fcmae.pretrain_config import DataConfig
 from fcmae.pretraining import run_pretraining
 from fcmae.transforms import EvalTransform, PretrainTransform
-from tests.pretrain_helpers import random_image, reset_accelerate, tiny_config, write_images
+from tests.pretrain_helpers import TINY, random_image, reset_accelerate, tiny_config, write_images
 
 
 def png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
@@ -194,3 +195,14 @@ def test_training_on_the_zoo_completes_and_reports(zoo):
     end = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()][-1]
     assert end["event"] == "end" and end["step"] == 8
     assert "images skipped (corrupt" in end["data_issues"] and "converted (" in end["data_issues"]
+
+
+def test_a_folder_of_non_images_stops_with_one_line(tmp_path, capsys):
+    for i in range(8):
+        (tmp_path / f"{i}.jpg").write_text("<html>not found</html>")
+    with pytest.raises(SystemExit) as info:
+        pretrain_main([*TINY, f"output_dir={tmp_path / 'run'}", f"data.path={tmp_path}", "data.max_bad_in_a_row=5"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: 5 consecutive files could not be decoded") and "is this an image corpus?" in err
+    reset_accelerate()
