@@ -62,6 +62,7 @@ def test_disk_full_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     assert [e["step"] for e in log if e["event"] == "end"] == [12]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names file descriptors through /proc")
 def test_io_error_while_sealing_a_checkpoint(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     original = os.fsync
