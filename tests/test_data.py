@@ -67,6 +67,17 @@ def test_parquet_arrow_and_saved_datasets_load(tmp_path):
         load_image_source(data_cfg(generated_images=0, path=str(tmp_path / "saved"), image_column="img"))
 
 
+def test_dataset_name_with_split_goes_through_load_dataset(tmp_path):
+    # A local dataset repository stands in for a hub name (tests never download).
+    (tmp_path / "data").mkdir()
+    for split, count in (("train", 4), ("test", 2)):
+        ds = datasets.Dataset.from_dict({"image": [random_image(i) for i in range(count)]},
+                                        features=datasets.Features({"image": datasets.Image()}))
+        ds.to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+    source = load_image_source(data_cfg(generated_images=0, name=str(tmp_path), split="test"))
+    assert len(source.dataset) == 2 and source.image_column == "image"
+
+
 def test_streaming_source_is_an_iterable_dataset(tmp_path):
     ds = datasets.Dataset.from_dict({"image": [random_image(i) for i in range(6)]},
                                     features=datasets.Features({"image": datasets.Image()}))
