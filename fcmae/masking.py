@@ -43,7 +43,8 @@ def random_mask(
     h, w = grid
     keep = num_visible(h * w, mask_ratio)
     noise_device = generator.device if generator is not None else device
-    noise = torch.rand(batch_size, h * w, generator=generator, device=noise_device)
+    seeded = {"generator": generator} if generator is not None else {}  # generator=None breaks dynamic compile
+    noise = torch.rand(batch_size, h * w, device=noise_device, **seeded)
     kept = noise.argsort(dim=1)[:, :keep]
     mask = torch.ones(batch_size, h * w, dtype=torch.bool, device=noise_device)
     mask.scatter_(1, kept, False)

@@ -184,6 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", default=["atto", "tiny", "base"])
     p.add_argument("--backends", nargs="+", default=["dense", "native"])
     p.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     p.add_argument(
         "--precision", nargs="+", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
     )

@@ -151,7 +151,8 @@ class NativeSparseBackend(SparseBackend):
         return PackedSites(values, patches, side, (batch, height, width), flat, batch_index, per_sample, centre)
 
     def densify(self, feats: PackedSites) -> Tensor:
-        return _scatter_dense(feats, feats.values).permute(0, 3, 1, 2)
+        # contiguous NCHW: inductor cannot order strides of the permuted view when shapes are dynamic
+        return _scatter_dense(feats, feats.values).permute(0, 3, 1, 2).contiguous()
 
     def packed(self, feats: PackedSites) -> tuple[Tensor, Tensor]:
         _, height, width = feats.shape

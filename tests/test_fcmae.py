@@ -131,6 +131,17 @@ def test_random_mask_path_matches_across_backends():
     assert relative_error(b.pred, a.pred) < 1e-5
 
 
+def test_compiled_native_training_step_follows_shape_changes():
+    """torch.compile (the pretraining ``train.compile`` option) on the default backend, two input shapes."""
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=16)
+    compiled = torch.compile(model)
+    for shape in [(2, 3, 64, 64), (3, 3, 64, 96)]:
+        imgs, mask = torch.randn(*shape), random_mask(shape[0], (shape[2] // 32, shape[3] // 32), 0.5)
+        out = compiled(imgs, mask)
+        out.loss.backward()
+        assert relative_error(out.loss, model(imgs, mask).loss) < 1e-5
+
+
 def test_initialisation():
     model = create_fcmae("convnextv2_tiny")
     assert model.mask_token.std().item() == pytest.approx(0.02, rel=0.1)
