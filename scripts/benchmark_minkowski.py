@@ -80,7 +80,7 @@ def measure(size: str, config: Config, args: argparse.Namespace) -> dict:
     imgs = torch.randn(args.batch, 3, args.img, args.img, device="cuda")
     autocast = set_precision(config.precision)
     start = time.perf_counter()
-    for _ in range(args.warmup):
+    for _ in range(max(args.warmup, 3) if config.compile else args.warmup):  # compiled graphs settle by step 3
         train_step(step_model, optimizer, imgs, autocast)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - start
@@ -151,22 +151,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = {"environment": environment(args), "results": []}
-    configs = [c for c in CONFIGS if c.label in args.configs]
-    for size in args.sizes:
-        for config in configs:
-            if config.compile and size not in args.compile_sizes:
-                continue
-            if config.backend not in available_backends():
-                continue
-            try:
-                row = measure(size, config, args)
-            except Exception as error:  # record the failure (OOM, compile error) and go on
-                row = {"size": size, "config": config.label, "error": f"{type(error).__name__}: {error}"[:500]}
-            torch.cuda.empty_cache()
-            print(json.dumps(row), flush=True)
-            report["results"].append(row)
-            report["speedups"] = speedups(report["results"])
-            args.out.write_text(json.dumps(report, indent=2))
+    configs = [c for c in CONFIGS if c.label in args.configs and c.backend in available_backends()]
+    runs = [(size, c) for size in args.sizes for c in configs if not c.compile or size in args.compile_sizes]
+    for size, config in sorted(runs, key=lambda run: run[1].compile):  # the slow compiles last
+        try:
+            row = measure(size, config, args)
+        except Exception as error:  # record the failure (OOM, compile error) and go on
+            row = {"size": size, "config": config.label, "error": f"{type(error).__name__}: {error}"[:500]}
+        torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        report["results"].append(row)
+        report["speedups"] = speedups(report["results"])
+        args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["speedups"], indent=2))
 
 

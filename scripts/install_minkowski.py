@@ -163,6 +163,7 @@ def unpack_debs(debs: Path, prefix: Path) -> tuple[str, list[str]]:
     Returns:
         The include dir holding ``cblas.h`` and the library dirs to link and load from.
     """
+    prefix.mkdir(parents=True, exist_ok=True)  # some dpkg versions do not create missing parents
     for deb in sorted(debs.glob("*.deb")):
         run(["dpkg", "-x", str(deb), str(prefix)])
     header = next(prefix.rglob("cblas.h"), None)
