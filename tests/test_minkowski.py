@@ -148,6 +148,7 @@ def test_depthwise_kernel_layout_matches_minkowski_on_deltas(device, strict_fp32
     assert torch.equal(depthwise_weight_to_me(weight), me_conv.kernel.detach())
 
 
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")  # inside ME 0.5.4
 @pytest.mark.parametrize("device", DEVICES)
 def test_strided_kernel_layout_matches_minkowski_on_deltas(device, strict_fp32):
     """One impulse per 2x2 window position picks out one kernel slice of the stride-2 conv."""
