@@ -38,19 +38,60 @@ def padded_site_index(site_flat: Tensor, shape: tuple[int, int, int], pad: int) 
     return (b * (height + 2 * pad) + y + pad) * (width + 2 * pad) + x + pad
 
 
+def _grid(values: Tensor, site_flat: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """(B, C, H, W) channels-last zero grid holding the (N, C) ``values`` at their sites."""
+    b, h, w = shape
+    grid = values.new_zeros(b * h * w, values.shape[-1]).index_copy_(0, site_flat, values)
+    return grid.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _at_sites(grid: Tensor, site_flat: Tensor) -> Tensor:
+    """(B, C, H, W) -> (N, C) rows at the sites."""
+    return grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]).index_select(0, site_flat)
+
+
+class _GridDepthwiseConv(torch.autograd.Function):
+    """Scatter -> dense depthwise conv -> gather, with a backward that skips dense work it can.
+
+    The input gradient is only needed at visible sites: it is a forward conv of the scattered output
+    gradient with the flipped kernel (several times cheaper than the fused conv backward on CPU);
+    the weight gradient is the conv backward's weight part alone. The grid is rebuilt in backward
+    rather than kept, so no dense activation is stored.
+    """
+
+    @staticmethod
+    def forward(ctx, values, site_flat, weight, bias, shape):
+        ctx.save_for_backward(values, site_flat, weight)
+        ctx.shape, ctx.has_bias = shape, bias is not None
+        grid = _grid(values, site_flat, shape)
+        return _at_sites(F.conv2d(grid, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0]), site_flat)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, site_flat, weight = ctx.saved_tensors
+        channels, pad = weight.shape[0], weight.shape[-1] // 2
+        grad = _grid(grad_out, site_flat, ctx.shape)
+        grad_values = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_values = _at_sites(F.conv2d(grad, weight.flip(2, 3), padding=pad, groups=channels), site_flat)
+        if ctx.needs_input_grad[2]:
+            grad_weight = torch.ops.aten.convolution_backward(
+                grad, _grid(values, site_flat, ctx.shape), weight, None,
+                [1, 1], [pad, pad], [1, 1], False, [0, 0], channels, [False, True, False],
+            )[1]  # fmt: skip
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.sum(0)
+        return grad_values, None, grad_weight, grad_bias, None
+
+
 # Inductor cannot order the strides of this path's symbolically sized zero grid (torch 2.14, CPU); kept eager.
 @torch.compiler.disable
-def _reference(
+def _grid_depthwise_conv(
     values: Tensor, site_flat: Tensor, weight: Tensor, bias: Tensor | None, shape: tuple[int, int, int]
 ) -> Tensor:
-    """Scatter -> dense depthwise conv -> gather. weight (C, 1, k, k)."""
-    b, h, w = shape
-    channels = values.shape[-1]
-    dense = values.new_zeros(b * h * w, channels).index_copy_(0, site_flat, values)
-    dense = dense.view(b, h, w, channels).permute(0, 3, 1, 2)
+    """Portable path: weight (C, 1, k, k) and bias (C,) cast to the values' dtype."""
     bias = None if bias is None else bias.to(values.dtype)
-    out = F.conv2d(dense, weight.to(values.dtype), bias, padding=weight.shape[-1] // 2, groups=channels)
-    return out.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, site_flat)
+    return _GridDepthwiseConv.apply(values, site_flat, weight.to(values.dtype), bias, shape)
 
 
 if triton is not None:
@@ -179,7 +220,7 @@ def sparse_depthwise_conv(
         (N, C) conv output at the visible sites.
     """
     if centre is None or not kernel_available(values):
-        return _reference(values, site_flat, weight, bias, shape)
+        return _grid_depthwise_conv(values, site_flat, weight, bias, shape)
     if torch.is_autocast_enabled(values.device.type):  # a custom op is invisible to autocast; cast as conv would
         values = values.to(torch.get_autocast_dtype(values.device.type))
     taps = weight.flatten(1).to(values.dtype)  # (C, k*k), tap index ky * k + kx
