@@ -6,6 +6,9 @@ the other way round.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor
 
 LN_EPS = 1e-6
@@ -36,3 +39,30 @@ def drop_path_scale(batch_size: int, drop_prob: float, training: bool, like: Ten
         return None
     keep_prob = 1.0 - drop_prob
     return like.new_empty(batch_size).bernoulli_(keep_prob).div_(keep_prob)
+
+
+def segment_grn_nx(batch_index: Tensor, batch_size: int) -> Callable[[Tensor], Tensor]:
+    """GRN response from per-sample L2 norms over each sample's own rows of packed (N, C) features.
+
+    Args:
+        batch_index: (N,) long sample of every row.
+        batch_size: B.
+
+    Returns:
+        A function mapping (N, C) features to their (N, C) response ``Nx``.
+    """
+
+    def nx(y: Tensor) -> Tensor:
+        sumsq = y.new_zeros(batch_size, y.shape[-1], dtype=torch.float32)
+        sumsq.index_add_(0, batch_index, y.float().square())
+        # sqrt has an infinite slope at 0: a sample with no visible site gets a zero norm and gradient.
+        present = sumsq > 0
+        gx = torch.where(present, sumsq, torch.ones_like(sumsq)).sqrt() * present
+        return grn_response(gx).to(y.dtype)[batch_index]
+
+    return nx
+
+
+def batch_grn_nx(y: Tensor) -> Tensor:
+    """GRN response from L2 norms over every row of the batch (the official ``MinkowskiGRN``): (..., C) -> (C,)."""
+    return grn_response(torch.linalg.vector_norm(y, ord=2, dim=tuple(range(y.dim() - 1))))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from sparse_ops.base import BlockLike, SparseBackend
-from sparse_ops.functional import drop_path_scale, grn_response
+from sparse_ops.functional import batch_grn_nx, drop_path_scale, segment_grn_nx
 from sparse_ops.me_layout import conv_weight_to_me, depthwise_weight_to_me
 
 DIMENSION = 2
@@ -97,25 +97,6 @@ class MinkowskiSites:
         return MinkowskiSites(tensor, self.shape)
 
 
-def _per_sample_grn_nx(batch_index: Tensor, batch_size: int):
-    """GRN response from per-sample L2 norms over each sample's own rows, for (N, C) features."""
-
-    def nx(y: Tensor) -> Tensor:
-        sumsq = y.new_zeros(batch_size, y.shape[-1], dtype=torch.float32)
-        sumsq.index_add_(0, batch_index, y.float().square())
-        # sqrt has an infinite slope at 0: a sample with no visible site gets a zero norm and gradient.
-        present = sumsq > 0
-        gx = torch.where(present, sumsq, torch.ones_like(sumsq)).sqrt() * present
-        return grn_response(gx).to(y.dtype)[batch_index]
-
-    return nx
-
-
-def _batch_grn_nx(y: Tensor) -> Tensor:
-    """GRN response from L2 norms over every row of the batch (official ``MinkowskiGRN``)."""
-    return grn_response(torch.linalg.vector_norm(y, ord=2, dim=0))
-
-
 class MinkowskiBackend(SparseBackend):
     """Sparse convolutions from MinkowskiEngine 0.5.4 (``python scripts/install_minkowski.py``)."""
 
@@ -157,8 +138,8 @@ class MinkowskiBackend(SparseBackend):
 
     def _grn_nx(self, feats: MinkowskiSites):
         if self.grn_scope == "batch":
-            return _batch_grn_nx
-        return _per_sample_grn_nx(feats.batch_index, feats.shape[0])
+            return batch_grn_nx
+        return segment_grn_nx(feats.batch_index, feats.shape[0])
 
     @staticmethod
     def _as_dtype(feats: MinkowskiSites, dtype: torch.dtype) -> Any:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_ops.base import BlockLike, SparseBackend
-from sparse_ops.functional import drop_path_scale, grn_response
+from sparse_ops.functional import batch_grn_nx, drop_path_scale, grn_response, segment_grn_nx
 from sparse_ops.sparse_dwconv import kernel_available, padded_site_index, sparse_depthwise_conv
 
 DWCONV_PAD = 3  # the blocks' 7x7 depthwise conv
@@ -166,19 +166,10 @@ class NativeSparseBackend(SparseBackend):
 
     def _grn_nx(self, feats: PackedSites):
         if self.grn_scope == "batch":
-            return lambda y: grn_response(torch.linalg.vector_norm(y, ord=2, dim=tuple(range(y.dim() - 1))))
+            return batch_grn_nx
         if feats.per_sample is not None:  # y is (B, n, C)
             return lambda y: grn_response(torch.linalg.vector_norm(y, ord=2, dim=1, keepdim=True))
-
-        def segment_nx(y: Tensor) -> Tensor:
-            sumsq = y.new_zeros(feats.batch_size, y.shape[-1], dtype=torch.float32)
-            sumsq.index_add_(0, feats.batch_index, y.float().square())
-            # sqrt has an infinite slope at 0; a sample with no visible site gets a zero norm and grad.
-            present = sumsq > 0
-            gx = torch.where(present, sumsq, torch.ones_like(sumsq)).sqrt() * present
-            return grn_response(gx).to(y.dtype)[feats.batch_index]
-
-        return segment_nx
+        return segment_grn_nx(feats.batch_index, feats.batch_size)
 
     def block(self, block: BlockLike, feats: PackedSites) -> PackedSites:
         y = self._depthwise(block.conv_dw, feats)
