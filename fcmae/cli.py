@@ -36,12 +36,14 @@ def pretrain_main(argv: Sequence[str] | None = None) -> None:
     from fcmae.data import CorpusError
     from fcmae.engine import NonFiniteLossError, NonFiniteWeightsError
     from fcmae.pretraining import run_pretraining
-    from fcmae.run_state import CheckpointWriteError
+    from fcmae.run_state import CheckpointWriteError, ResumeError
 
     try:
         run_pretraining(cfg)
     except ConfigError as e:
         _fail(f"config error: {e}", status=2)
+    except ResumeError as e:
+        _fail(f"resume error: {e}", status=2)
     except (NonFiniteLossError, NonFiniteWeightsError, CheckpointWriteError, CorpusError) as e:
         _fail(f"error: {e}", status=1)
 

@@ -31,7 +31,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> None:
         _fail(f"config error: {e}", status=2)
     from fcmae.engine import NonFiniteLossError
     from fcmae.finetuning import run_finetuning
-    from fcmae.run_state import CheckpointWriteError
+    from fcmae.run_state import CheckpointWriteError, ResumeError
     from models.checkpoint import CheckpointError
 
     try:
@@ -40,6 +40,8 @@ def finetune_main(argv: Sequence[str] | None = None) -> None:
         _fail(f"config error: {e}", status=2)
     except CheckpointError as e:
         _fail(f"checkpoint error: {e}", status=2)
+    except ResumeError as e:
+        _fail(f"resume error: {e}", status=2)
     except (NonFiniteLossError, CheckpointWriteError) as e:
         _fail(f"error: {e}", status=1)
     if cfg.train.eval_only:

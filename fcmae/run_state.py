@@ -67,6 +67,10 @@ class TrainState:
             setattr(self, name, int(state[name]))
 
 
+class ResumeError(ValueError):
+    """The latest checkpoint in the output directory cannot continue this run (another model, optimizer, ...)."""
+
+
 class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed; the previous complete checkpoint is untouched."""
 
@@ -162,9 +166,16 @@ class CheckpointManager:
         if path is None:
             return None
         expected = (state.global_batch, state.steps_per_epoch)
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except (RuntimeError, ValueError, KeyError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ResumeError(
+                f"{path} does not fit this run ({reason}); point output_dir at a new folder, "
+                f"or set checkpoint.resume=false to start over in this one"
+            ) from e
         if (state.global_batch, state.steps_per_epoch) != expected:
-            raise ValueError(
+            raise ResumeError(
                 f"{path} was written with {state.global_batch} images per step and {state.steps_per_epoch} steps "
                 f"per epoch, this run has {expected[0]} and {expected[1]}: resume needs the same batch size, "
                 f"accumulation, process count and corpus (or a new output_dir)"

@@ -1,6 +1,6 @@
 """Export a checkpoint (ours, official, timm or transformers layout) to the official, timm or transformers layout.
 
-    python scripts/export.py --checkpoint run/checkpoints/checkpoint_9 --format hf --output convnextv2_atto_hf
+    python scripts/export.py --checkpoint runs/sample_cpu/checkpoints/checkpoint_00000060 --format hf --output atto_hf
     python scripts/export.py --checkpoint convnextv2_atto_1k_224_fcmae.pt --format timm --output atto_timm
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.checkpoint import CheckpointError  # noqa: E402
 from models.export import EXPORT_FORMATS, export_weights  # noqa: E402
 
 
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     conv_mlp = {"auto": None, "yes": True, "no": False}[args.conv_mlp]
-    export_weights(args.checkpoint, args.format, args.output, conv_mlp=conv_mlp)
+    try:
+        export_weights(args.checkpoint, args.format, args.output, conv_mlp=conv_mlp)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        print(f"export error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

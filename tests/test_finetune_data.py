@@ -163,3 +163,12 @@ def test_eval_only_refuses_a_classifier_of_other_classes(tmp_path, capsys):
                        f"model.pretrained={tmp_path / 'cls10.safetensors'}", f"output_dir={tmp_path / 'out'}"])
     reset_accelerate()
     assert exit_info.value.code == 2 and "mis-shaped (2): head.fc.bias" in capsys.readouterr().err
+
+
+def test_randaugment_posterize_at_full_magnitude_runs():
+    """The finetune presets' RandAugment can draw magnitude 10, i.e. posterize to 0 bits (Pillow >= 13 rejects it)."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    assert op(Image.new("RGB", (32, 32), (200, 100, 50))).size == (32, 32)

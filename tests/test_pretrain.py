@@ -117,3 +117,15 @@ def test_folder_with_corrupt_and_non_image_files_still_trains(tmp_path, caplog):
     assert skipped > 0 and end["data_issues"] == f"{skipped} images skipped (corrupt {skipped}); 0 converted"
     named = {name for r in caplog.records for name in ("broken.jpg", "empty.png", "readme.txt") if name in r.message}
     assert named == {"broken.jpg", "empty.png"}
+
+
+def test_resume_into_another_runs_folder_is_a_clear_error(tmp_path):
+    from fcmae.run_state import ResumeError
+
+    write_images(tmp_path / "images", 8)
+    run_pretraining(tiny_config(tmp_path / "run", f"data.path={tmp_path / 'images'}", "train.epochs=1"))
+    reset_accelerate()
+    other = tiny_config(tmp_path / "run", f"data.path={tmp_path / 'images'}", "train.epochs=2",
+                        "model.decoder_embed_dim=24")
+    with pytest.raises(ResumeError, match="does not fit this run .*new folder.*checkpoint.resume=false"):
+        run_pretraining(other)
