@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 
@@ -32,3 +34,9 @@ def test_useful_flops_count_visible_sites_only():
     full = bench.useful_flops_per_image("atto", 224, 0.0)
     masked = bench.useful_flops_per_image("atto", 224, 0.6)
     assert 0.39 * full < masked < 0.6 * full
+
+
+@pytest.mark.minkowski
+def test_benchmark_smoke_includes_minkowski():
+    results = _load().main(["--smoke", "--device", "cpu", "--backends", "native", "minkowski"])
+    assert [(r.backend, r.error) for r in results] == [("native", None), ("minkowski", None)]
