@@ -25,11 +25,9 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from fcmae.images import DataIssues
-from fcmae.masking import random_mask
 from fcmae.optim import LrSchedule, apply_lr
 from fcmae.run_state import TrainState
 from fcmae.transforms import keyed_generator
-from models import TOTAL_STRIDE
 
 MASK_STREAM = 1
 
@@ -58,11 +56,10 @@ class Engine:
 
     Attributes:
         accelerator: prepared with ``gradient_accumulation_steps``.
-        model: the prepared FCMAE; called as ``model(imgs, mask=mask)``.
+        model: the prepared FCMAE; called as ``model(imgs, generator=...)`` (it draws the mask).
         optimizer: the prepared optimizer.
         schedule: learning rate as a function of ``state.step``.
         state: checkpointed counters, updated in place.
-        mask_ratio: fraction of patches masked.
         seed: run seed (mask stream key).
         global_batch: images per optimizer step over all processes.
         clip_grad: max gradient norm, or None.
@@ -75,7 +72,6 @@ class Engine:
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
     state: TrainState
-    mask_ratio: float
     seed: int
     global_batch: int
     clip_grad: float | None
@@ -94,9 +90,11 @@ class Engine:
         for batch in batches:
             self.issues.record(batch["issues"])
             imgs = batch["pixel_values"].to(acc.device, non_blocking=True)
-            mask = self.draw_mask(imgs)
+            # FCMAE draws the mask from this generator itself, so it can promise the backend a fixed
+            # visible count per sample (no host sync to count them).
+            generator = self.mask_generator()
             with acc.accumulate(self.model):
-                loss = self.model(imgs, mask=mask).loss
+                loss = self.model(imgs, generator=generator).loss
                 acc.backward(loss)
                 loss_sum += loss.detach().float()
                 micro += 1
@@ -109,12 +107,10 @@ class Engine:
                     return True
         return False
 
-    def draw_mask(self, imgs: Tensor) -> Tensor:
-        """(B, h, w) bool mask for (B, C, H, W) ``imgs``, keyed by (process, epoch, micro-batch)."""
+    def mask_generator(self) -> torch.Generator:
+        """Generator of the current micro-batch's masks, keyed by (process, epoch, micro-batch)."""
         acc, state = self.accelerator, self.state
-        grid = (imgs.shape[-2] // TOTAL_STRIDE, imgs.shape[-1] // TOTAL_STRIDE)
-        generator = keyed_generator(self.seed, MASK_STREAM, acc.process_index, state.epoch, state.batch_in_epoch)
-        return random_mask(imgs.shape[0], grid, self.mask_ratio, generator=generator, device=acc.device)
+        return keyed_generator(self.seed, MASK_STREAM, acc.process_index, state.epoch, state.batch_in_epoch)
 
     def optimizer_step(self, local_loss: Tensor) -> StepStats:
         """Set the lr, clip, check finiteness on every process alike, then step or skip."""

@@ -48,7 +48,10 @@ def random_mask(
     kept = noise.argsort(dim=1)[:, :keep]
     mask = torch.ones(batch_size, h * w, dtype=torch.bool, device=noise_device)
     mask.scatter_(1, kept, False)
-    return mask.view(batch_size, h, w).to(device)
+    mask = mask.view(batch_size, h, w)
+    if device is not None and torch.device(device).type == "cuda" and mask.device.type == "cpu":
+        return mask.pin_memory().to(device, non_blocking=True)  # a pageable copy would wait for the GPU
+    return mask.to(device)
 
 
 def as_grid_mask(mask: Tensor, batch_size: int, grid: tuple[int, int]) -> Tensor:

@@ -132,9 +132,8 @@ class PretrainingRun:
         self.log = RunLog(acc, self.run_dir, self.total_steps, state.step, cfg.log.progress_bar)
         self._announce(resumed)
         self._window = {"time": time.perf_counter(), "steps": 0, "loss": 0.0, "finite": 0}
-        engine = Engine(acc, self.model, self.optimizer, self.schedule, state, cfg.model.mask_ratio,
-                        cfg.train.seed, self.global_batch, cfg.optim.clip_grad, cfg.train.stop_after_nonfinite,
-                        self.issues)
+        engine = Engine(acc, self.model, self.optimizer, self.schedule, state, cfg.train.seed, self.global_batch,
+                        cfg.optim.clip_grad, cfg.train.stop_after_nonfinite, self.issues)
         try:
             while state.epoch < cfg.train.epochs and not self._reached_max_steps():
                 batches = self.loader.epoch(state.epoch, state.batch_in_epoch)
