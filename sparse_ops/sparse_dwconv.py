@@ -79,6 +79,7 @@ class _GridDepthwiseConv(torch.autograd.Function):
                 grad, _grid(values, site_flat, ctx.shape), weight, None,
                 [1, 1], [pad, pad], [1, 1], False, [0, 0], channels, [False, True, False],
             )[1]  # fmt: skip
+            grad_weight = weight.new_empty(weight.shape).copy_(grad_weight)  # plain strides, as DDP's buckets want
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.sum(0)
         return grad_values, None, grad_weight, grad_bias, None

@@ -71,6 +71,8 @@ def test_every_parameter_gets_a_gradient(backend):
     model(torch.randn(2, 3, 64, 64)).loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+        if backend == "native":  # DDP's buckets expect gradient strides equal to the parameter's
+            assert p.grad.stride() == p.stride(), name
 
 
 def test_batch_size_one_and_generator_reproducibility():
