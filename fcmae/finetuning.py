@@ -208,8 +208,7 @@ class FinetuningRun:
                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
                        processes=acc.num_processes, precision=acc.mixed_precision, fcmae_version=fcmae.__version__)
         if resumed is not None:
-            self.log.write(f"resumed from {resumed} at step {self.state.step}, epoch {self.state.epoch}")
-            self.log.event("resume", checkpoint=str(resumed), step=self.state.step, epoch=self.state.epoch)
+            self.log.resumed(resumed, self.state.step, self.state.epoch)
 
     def _reached_max_steps(self) -> bool:
         return self.cfg.train.max_steps is not None and self.state.step >= self.cfg.train.max_steps

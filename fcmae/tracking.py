@@ -82,5 +82,10 @@ class RunLog:
         if self.main:
             self.bar.write(message)
 
+    def resumed(self, checkpoint: str | Path, step: int, epoch: int) -> None:
+        """Say (and record in log.jsonl) where a resumed run continues."""
+        self.write(f"resumed from {checkpoint} at step {step}, epoch {epoch}")
+        self.event("resume", checkpoint=str(checkpoint), step=step, epoch=epoch)
+
     def close(self) -> None:
         self.bar.close()
