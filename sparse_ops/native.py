@@ -102,7 +102,7 @@ def _site_indices(patches: Tensor, side: int, height: int, width: int) -> tuple[
 def _site_tables(
     patches: Tensor, side: int, shape: tuple[int, int, int], values: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Flat index, sample index and (for the CUDA kernel) the grid -> row map of every site."""
+    """Flat index, sample index and (for the CUDA kernel) the padded-grid index of every site."""
     flat, batch_index = _site_indices(patches, side, shape[1], shape[2])
     centre = padded_site_index(flat, shape, DWCONV_PAD) if kernel_available(values) else None
     return flat, batch_index, centre
@@ -137,7 +137,7 @@ def _scatter_dense(feats: PackedSites, values: Tensor) -> Tensor:
 
 
 class NativeSparseBackend(SparseBackend):
-    """Token-sparse backend (pure PyTorch); does the work of the visible sites only."""
+    """Token-sparse backend (PyTorch, plus a Triton depthwise kernel on CUDA); works on visible sites only."""
 
     name = "native"
 
