@@ -24,7 +24,6 @@ from pathlib import Path
 
 import datasets
 import torch
-from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from timm.layers import trunc_normal_
 from timm.utils import ModelEmaV3
@@ -36,10 +35,9 @@ from fcmae.engine import StepStats, parameters_finite
 from fcmae.finetune_config import FinetuneConfig, FinetuneModelConfig, FinetuneOptimConfig
 from fcmae.finetune_data import LabeledSource, build_eval_loader, build_train_loader, load_labeled_source
 from fcmae.finetune_engine import FinetuneEngine, build_criterion, build_mixup, evaluate
-from fcmae.images import DataIssues
 from fcmae.layer_decay import lr_scale
 from fcmae.optim import LrSchedule, build_adamw, scaled_lr
-from fcmae.pretraining import build_accelerator, prepare_run_dir
+from fcmae.pretraining import start_run
 from fcmae.run_state import CheckpointManager, TrainState
 from fcmae.tracking import RunLog
 from models import ConvNeXtV2, create_model
@@ -109,10 +107,8 @@ class FinetuningRun:
         self.cfg, tc = cfg, cfg.train
         if train_dataset is None and eval_dataset is None:
             cfg.data.require_source()
-        self.run_dir = prepare_run_dir(cfg.output_dir)
-        self.accelerator = acc = build_accelerator(cfg, self.run_dir)
-        set_seed(tc.seed, device_specific=True)
-        self.issues = DataIssues(prefix=f"[process {acc.process_index}] " if acc.num_processes > 1 else "")
+        self.run_dir, self.accelerator, self.issues = start_run(cfg)
+        acc = self.accelerator
         with acc.main_process_first():
             self.eval_source = _eval_source(cfg, eval_dataset)
             self.train_source = None if tc.eval_only else load_labeled_source(

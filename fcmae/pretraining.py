@@ -89,6 +89,15 @@ def build_accelerator(cfg: PretrainConfig, run_dir: Path) -> Accelerator:
     return accelerator
 
 
+def start_run(cfg: PretrainConfig) -> tuple[Path, Accelerator, DataIssues]:
+    """What every run (pretraining or finetuning) does first: run directory, accelerator, seeds, issue counter."""
+    run_dir = prepare_run_dir(cfg.output_dir)
+    accelerator = build_accelerator(cfg, run_dir)
+    set_seed(cfg.train.seed, device_specific=True)
+    prefix = f"[process {accelerator.process_index}] " if accelerator.num_processes > 1 else ""
+    return run_dir, accelerator, DataIssues(prefix=prefix)
+
+
 class PretrainingRun:
     """One run; build everything in ``__init__``, train with :meth:`run`."""
 
@@ -96,10 +105,8 @@ class PretrainingRun:
         self.cfg, tc = cfg, cfg.train
         if dataset is None:
             cfg.data.require_source()
-        self.run_dir = prepare_run_dir(cfg.output_dir)
-        self.accelerator = acc = build_accelerator(cfg, self.run_dir)
-        set_seed(tc.seed, device_specific=True)
-        self.issues = DataIssues(prefix=f"[process {acc.process_index}] " if acc.num_processes > 1 else "")
+        self.run_dir, self.accelerator, self.issues = start_run(cfg)
+        acc = self.accelerator
         with acc.main_process_first():
             self.source = load_image_source(cfg.data, dataset, acc.num_processes * max(cfg.data.num_workers, 1))
         self.issues.record(self.source.problems)
