@@ -5,7 +5,8 @@ Reusable pieces (finetuning builds on them):
 * :func:`load_image_source` / :func:`image_folder_dataset`: a ``datasets.Dataset`` (or streaming
   ``IterableDataset``) plus the name of its image column, images left undecoded.
 * :class:`PretrainImages`, :class:`StreamingPretrainImages`, :class:`LabeledImages`: torch datasets
-  that decode with :func:`fcmae.images.decode_image`, so a broken file is skipped and reported,
+  that decode with :mod:`fcmae.images` (training images as uint8, JPEGs at reduced size where the crop
+  allows, see :class:`fcmae.transforms.PretrainTransform`), so a broken file is skipped and reported,
   never fatal.
 * :func:`collate_examples`: stacks ``pixel_values`` (and ``label``) and gathers the ``issues``.
 * :class:`EpochBatchSampler` and :class:`PretrainLoader`: the same number of micro-batches on every
@@ -23,10 +24,18 @@ from typing import Any
 
 import datasets
 import torch
-from torch.utils.data import get_worker_info
+from torch import Tensor
+from torch.utils.data import default_collate, get_worker_info
 
 from fcmae.config import ConfigError
-from fcmae.images import MODES_BY_CHANNELS, BadImageError, decode_image, scan_image_folder, source_name
+from fcmae.images import (
+    MODES_BY_CHANNELS,
+    BadImageError,
+    decode_image,
+    open_image,
+    scan_image_folder,
+    source_name,
+)
 from fcmae.pretrain_config import DataConfig
 from fcmae.transforms import PretrainTransform, keyed_generator
 
@@ -132,10 +141,24 @@ def find_image_column(ds: datasets.Dataset | datasets.IterableDataset, requested
 
 def decode_first_good(sources: Callable[[int], Any], start: int, count: int, mode: str, max_pixels: int,
                       max_bad_in_a_row: int) -> tuple[Any, Any, list[Issue]]:
-    """Decode ``sources(start)``, moving to the next index (mod ``count``) past broken files.
+    """Decode ``sources(start)`` with :func:`decode_image`, moving on past broken files (see :func:`first_good`).
 
     Returns:
         (image, source, issues): issues name every skipped file and the conversions applied.
+    """
+    return first_good(sources, start, count, lambda source: decode_image(source, mode, max_pixels),
+                      max_bad_in_a_row)
+
+
+def first_good(sources: Callable[[int], Any], start: int, count: int,
+               decode: Callable[[Any], tuple[Any, list[str]]], max_bad_in_a_row: int) -> tuple[Any, Any, list[Issue]]:
+    """``decode(sources(start))``, moving to the next index (mod ``count``) past broken files.
+
+    Args:
+        decode: source -> (result, conversion notes); raises BadImageError for a broken file.
+
+    Returns:
+        (result, source, issues): issues name every skipped file and the conversions applied.
 
     Raises:
         CorpusError: ``max_bad_in_a_row`` consecutive files could not be decoded.
@@ -144,11 +167,11 @@ def decode_first_good(sources: Callable[[int], Any], start: int, count: int, mod
     for attempt in range(max_bad_in_a_row):
         source = sources((start + attempt) % count)
         try:
-            img, notes = decode_image(source, mode, max_pixels)
+            result, notes = decode(source)
         except BadImageError as e:
             issues.append((f"skipped:{e.kind}", source_name(source), str(e)))
             continue
-        return img, source, issues + [(f"converted:{n}", source_name(source), n) for n in notes]
+        return result, source, issues + [(f"converted:{n}", source_name(source), n) for n in notes]
     raise CorpusError(
         f"{max_bad_in_a_row} consecutive files could not be decoded (from index {start}, last: {issues[-1][1]}: "
         f"{issues[-1][2]}); is this an image corpus? Raise data.max_bad_in_a_row to tolerate more."
@@ -156,9 +179,10 @@ def decode_first_good(sources: Callable[[int], Any], start: int, count: int, mod
 
 
 class PretrainImages(torch.utils.data.Dataset):
-    """Map-style training images; item key (epoch, index) -> ``{"pixel_values": (C, S, S), "issues"}``.
+    """Map-style training images; item key (epoch, index) -> ``{"pixel_values": (C, S, S) uint8, "issues"}``.
 
-    A broken file is replaced by the next decodable one, so batches keep their size on every process.
+    A broken file is replaced by the next decodable one, so batches keep their size on every process;
+    the replacement is augmented with the generator of the original key.
     """
 
     def __init__(self, source: ImageSource, transform: PretrainTransform, cfg: DataConfig, in_chans: int, seed: int):
@@ -171,15 +195,18 @@ class PretrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
-        img, source, issues = decode_first_good(
-            lambda i: self.dataset[i][self.column], index, len(self), self.mode, self.max_pixels, self.max_bad
-        )
-        x, notes = self.transform(img, keyed_generator(self.seed, epoch, index))
-        return {"pixel_values": x, "issues": issues + [(f"converted:{n}", source_name(source), n) for n in notes]}
+
+        def augment(source: Any) -> tuple[Tensor, list[str]]:
+            generator = keyed_generator(self.seed, epoch, index)
+            return self.transform(open_image(source, self.max_pixels), generator, self.mode)
+
+        x, _, issues = first_good(lambda i: self.dataset[i][self.column], index, len(self), augment, self.max_bad)
+        return {"pixel_values": x, "issues": issues}
 
 
 class StreamingPretrainImages(torch.utils.data.IterableDataset):
-    """Streaming training images (already split across processes); broken files are dropped.
+    """Streaming training images (already split across processes), uint8 like :class:`PretrainImages`;
+    broken files are dropped.
 
     ``set_epoch(epoch, skip_batches)`` reshuffles and skips the batches a resumed run has seen
     (counted in raw examples: exact unless broken files were dropped before the resume point).
@@ -203,14 +230,13 @@ class StreamingPretrainImages(torch.utils.data.IterableDataset):
         pending: list[Issue] = []
         for position, example in enumerate(itertools.islice(self.dataset, own_skipped * self.batch_size, None)):
             source = example[self.column]
+            key = keyed_generator(self.seed, self.epoch, self.rank, worker, position)
             try:
-                img, notes = decode_image(source, self.mode, self.max_pixels)
+                x, notes = self.transform(open_image(source, self.max_pixels), key, self.mode)
             except BadImageError as e:
                 pending.append((f"skipped:{e.kind}", source_name(source), str(e)))
                 continue
-            key = keyed_generator(self.seed, self.epoch, self.rank, worker, position)
-            x, more = self.transform(img, key)
-            issues = pending + [(f"converted:{n}", source_name(source), n) for n in notes + more]
+            issues = pending + [(f"converted:{n}", source_name(source), n) for n in notes]
             pending = []
             yield {"pixel_values": x, "issues": issues}
 
@@ -246,7 +272,8 @@ class LabeledImages(torch.utils.data.Dataset):
 
 
 def collate_examples(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``pixel_values`` (B, C, S, S) and any other per-item values; drop items without pixels.
+    """Stack ``pixel_values`` into (B, C, S, S) of the items' dtype, and any other per-item values; drop
+    items without pixels.
 
     Returns:
         ``{"pixel_values": Tensor, ..., "issues": list of (kind, path, detail)}``; ``pixel_values``
@@ -258,6 +285,7 @@ def collate_examples(items: list[dict[str, Any]]) -> dict[str, Any]:
         return {"pixel_values": torch.empty(0), "issues": issues}
     batch = {key: torch.as_tensor([item[key] for item in good]) for key in good[0] if key not in ("pixel_values",
                                                                                                      "issues")}
-    batch["pixel_values"] = torch.stack([item["pixel_values"] for item in good])
+    # default_collate stacks straight into shared memory inside a worker: one copy less on the way out.
+    batch["pixel_values"] = default_collate([item["pixel_values"] for item in good])
     batch["issues"] = issues
     return batch

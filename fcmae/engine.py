@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from fcmae.images import DataIssues
 from fcmae.optim import LrSchedule, apply_lr
 from fcmae.run_state import TrainState
-from fcmae.transforms import keyed_generator
+from fcmae.transforms import keyed_generator, normalize_pixels
 
 MASK_STREAM = 1
 
@@ -65,6 +65,7 @@ class Engine:
         clip_grad: max gradient norm, or None.
         stop_after_nonfinite: consecutive non-finite steps that stop the run.
         issues: where the data issues reported by each batch are counted.
+        mean, std: per-channel normalisation of the uint8 ``pixel_values``, applied on the device.
     """
 
     accelerator: Accelerator
@@ -77,19 +78,29 @@ class Engine:
     clip_grad: float | None
     stop_after_nonfinite: int
     issues: DataIssues
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     def train_one_epoch(self, batches: Iterable[dict[str, Any]], on_step: Callable[[StepStats], bool]) -> bool:
         """Run the micro-batches of one epoch; ``on_step`` after each optimizer step returns True to stop.
+
+        Args:
+            batches: ``{"pixel_values": (B, C, S, S) uint8, "issues": [...]}`` (a :class:`fcmae.loader.PretrainLoader`
+                epoch); pixels are normalised on the device, channels-last when the model is.
+            on_step: called with each optimizer step's :class:`StepStats`.
 
         Returns:
             True when ``on_step`` asked to stop before the epoch ended.
         """
         acc, state = self.accelerator, self.state
         self.model.train()
+        mean, std = (torch.tensor(v, device=acc.device) for v in (self.mean, self.std))
+        memory_format = input_memory_format(self.model)
         loss_sum, micro = torch.zeros((), device=acc.device), 0
         for batch in batches:
             self.issues.record(batch["issues"])
-            imgs = batch["pixel_values"].to(acc.device, non_blocking=True)
+            pixels = batch["pixel_values"].to(acc.device, non_blocking=True)
+            imgs = normalize_pixels(pixels, mean, std, memory_format)
             # FCMAE draws the mask from this generator itself, so it can promise the backend a fixed
             # visible count per sample (no host sync to count them).
             generator = self.mask_generator()
@@ -117,6 +128,14 @@ class Engine:
         return optimizer_step(self.accelerator, self.model, self.optimizer, self.schedule, self.state, local_loss,
                               global_batch=self.global_batch, clip_grad=self.clip_grad,
                               stop_after_nonfinite=self.stop_after_nonfinite)
+
+
+def input_memory_format(model: nn.Module) -> torch.memory_format:
+    """``torch.channels_last`` when the model holds channels-last 4-D weights (its input should match), else
+    contiguous."""
+    channels_last = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                        for p in model.parameters())
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,

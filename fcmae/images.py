@@ -2,7 +2,9 @@
 
 Every decode either returns a PIL image in the requested mode plus the list of conversions it
 applied, or raises :class:`BadImageError` with a short reason. Nothing here stops a run: callers
-count and report (see :class:`DataIssues`).
+count and report (see :class:`DataIssues`). :func:`decode_image` is :func:`open_image` (the header)
+then :func:`load_image` (the pixels); a caller that knows its crop from the header size can ask
+:func:`load_image` for a JPEG decoded at 1/2, 1/4 or 1/8 size.
 
 Conversions (each reported, never silent):
 
@@ -33,6 +35,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 MODES_BY_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _ALPHA_BACKGROUND = (255, 255, 255)
+_EXIF_ORIENTATION = 0x0112
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +72,71 @@ def decode_image(source: Any, mode: str = "RGB", max_pixels: int = 89_478_485) -
     Raises:
         BadImageError: unreadable file, not an image, truncated or corrupt data, or too many pixels.
     """
+    img, notes, _ = load_image(open_image(source, max_pixels), mode)
+    return img, notes
+
+
+def open_image(source: Any, max_pixels: int = 89_478_485) -> Image.Image:
+    """Open ``source`` (see :func:`decode_image`) reading only its header: size, format and EXIF are known.
+
+    Raises:
+        BadImageError: unreadable file, not an image, or more than ``max_pixels`` pixels.
+    """
     img = source if isinstance(source, Image.Image) else _open(source)
     if img.width * img.height > max_pixels:
         raise BadImageError("too-large", f"{img.width}x{img.height} pixels exceeds data.max_image_pixels={max_pixels}")
+    return img
+
+
+def can_reduce(img: Image.Image) -> bool:
+    """Whether :func:`load_image` can decode ``img`` at a reduced size: a JPEG not yet decoded, without EXIF
+    rotation (so its header size is the size it decodes to, and DCT scaling applies)."""
+    if img.format != "JPEG" or not getattr(img, "tile", None):
+        return False
+    try:
+        return _orientation(img) == 1
+    except (OSError, ValueError, SyntaxError, TypeError):  # a broken EXIF block: load_image reports it
+        return False
+
+
+def load_image(img: Image.Image, mode: str, reduce: int = 1) -> tuple[Image.Image, list[str], int]:
+    """Decode an opened image into 8-bit ``mode``, EXIF orientation applied, naming the conversions.
+
+    Args:
+        img: from :func:`open_image`.
+        mode: ``"RGB"``, ``"L"`` or ``"RGBA"``.
+        reduce: 1, 2, 4 or 8: when :func:`can_reduce`, decode at 1/``reduce`` of each side (JPEG DCT
+            scaling, much cheaper than decoding everything and resizing); otherwise at full size.
+
+    Returns:
+        (image, conversions, factor): ``factor`` is the reduction applied (1 if none); full-size pixel
+        edge ``x`` lies at ``x / factor`` in ``image`` (which is ``ceil(size / factor)`` on each side).
+
+    Raises:
+        BadImageError: truncated or corrupt data.
+    """
     notes = ["high-bit-depth"] if _decodes_from_16_bit(img) else []
     try:
+        factor = _draft(img, reduce) if reduce > 1 and can_reduce(img) else 1
         img.load()
-        if img.getexif().get(0x0112, 1) != 1:
+        if _orientation(img) != 1:
             img = ImageOps.exif_transpose(img)
             notes.append("exif")
         img, converted = convert_mode(img, mode)
     except (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError) as e:
         raise BadImageError("corrupt", f"cannot decode: {e}") from None
-    return img, notes + converted
+    return img, notes + converted, factor
+
+
+def _orientation(img: Image.Image) -> int:
+    return img.getexif().get(_EXIF_ORIENTATION, 1)
+
+
+def _draft(img: Image.Image, reduce: int) -> int:
+    """Ask the JPEG decoder for 1/``reduce`` scale; the factor it granted (1 if it declined)."""
+    width = img.width
+    granted = img.draft(img.mode, (img.width // reduce, img.height // reduce))
+    return 1 if granted is None else round(width / granted[1][2])
 
 
 def _open(source: Any) -> Image.Image:

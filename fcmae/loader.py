@@ -54,7 +54,10 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class PretrainLoader:
-    """Micro-batches ``{"pixel_values": (B, C, S, S), "issues": [...]}`` of one epoch at a time."""
+    """Micro-batches ``{"pixel_values": (B, C, S, S) uint8, "issues": [...]}`` of one epoch at a time.
+
+    Pixels are normalised on the training device (:func:`fcmae.transforms.normalize_pixels`).
+    """
 
     def __init__(self, dataset: torch.utils.data.Dataset, batches_per_epoch: int, loader_kwargs: dict[str, Any],
                  sampler: EpochBatchSampler | None = None):
@@ -91,7 +94,7 @@ def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int
     Raises:
         ConfigError: fewer images than one global batch, or a stream of unknown size.
     """
-    transform = PretrainTransform(cfg.input_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.mean, cfg.std)
+    transform = PretrainTransform(cfg.input_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.reduced_decode)
     kwargs = dict(num_workers=cfg.num_workers, collate_fn=collate_examples, pin_memory=pin_memory,
                   generator=torch.Generator().manual_seed(seed))
     per_step = batch_size * world_size * accumulation
@@ -123,7 +126,8 @@ def _recorded_size(dataset: datasets.IterableDataset, split: str) -> int:
 
 
 def preview_images(cfg: DataConfig, source: ImageSource, count: int, in_chans: int) -> torch.Tensor:
-    """The first ``count`` decodable images, resized and centre-cropped: (count, C, S, S), fixed for a run."""
+    """The first ``count`` decodable images, resized, centre-cropped and normalised: (count, C, S, S) float32,
+    fixed for a run."""
     transform = EvalTransform(cfg.input_size, cfg.mean, cfg.std)
     mode = MODES_BY_CHANNELS[in_chans]
     if isinstance(source.dataset, datasets.IterableDataset):

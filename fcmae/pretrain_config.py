@@ -68,6 +68,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
     hflip: float = 0.5  # horizontal flip probability
+    reduced_decode: bool = True  # decode JPEGs at 1/2, 1/4 or 1/8 size (DCT scaling) when the crop still fits
     mean: tuple[float, ...] = IMAGENET_MEAN  # per-channel normalisation mean (one value per in_chans)
     std: tuple[float, ...] = IMAGENET_STD  # per-channel normalisation std
     num_workers: int = 4  # DataLoader worker processes per training process

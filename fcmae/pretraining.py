@@ -89,6 +89,11 @@ def build_accelerator(cfg: PretrainConfig, run_dir: Path) -> Accelerator:
     return accelerator
 
 
+def prefers_channels_last(device: torch.device) -> bool:
+    """Whether the model is stored channels-last on ``device`` (on CUDA: faster convolutions under bf16)."""
+    return device.type == "cuda"
+
+
 def start_run(cfg: PretrainConfig) -> tuple[Path, Accelerator, DataIssues]:
     """What every run (pretraining or finetuning) does first: run directory, accelerator, seeds, issue counter."""
     run_dir = prepare_run_dir(cfg.output_dir)
@@ -121,6 +126,8 @@ class PretrainingRun:
         self.schedule = LrSchedule(self.lr, cfg.optim.min_lr, cfg.optim.warmup_epochs * self.steps_per_epoch,
                                    self.total_steps)
         model = fcmae.create_fcmae(**vars(cfg.model))
+        if prefers_channels_last(acc.device):  # the engine hands it channels-last input to match
+            model = model.to(memory_format=torch.channels_last)
         optimizer = build_adamw(model, self.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.state = TrainState(global_batch=self.global_batch, steps_per_epoch=self.steps_per_epoch)
@@ -139,8 +146,7 @@ class PretrainingRun:
         self.log = RunLog(acc, self.run_dir, self.total_steps, state.step, cfg.log.progress_bar)
         self._announce(resumed)
         self._window = {"time": time.perf_counter(), "steps": 0, "loss": 0.0, "finite": 0}
-        engine = Engine(acc, self.model, self.optimizer, self.schedule, state, cfg.train.seed, self.global_batch,
-                        cfg.optim.clip_grad, cfg.train.stop_after_nonfinite, self.issues)
+        engine = self.engine()
         try:
             while state.epoch < cfg.train.epochs and not self._reached_max_steps():
                 batches = self.loader.epoch(state.epoch, state.batch_in_epoch)
@@ -152,6 +158,13 @@ class PretrainingRun:
             self.log.close()
             acc.end_training()
         return self.run_dir
+
+    def engine(self) -> Engine:
+        """The training loop over this run's model, optimizer, schedule, state and normalisation."""
+        cfg = self.cfg
+        return Engine(self.accelerator, self.model, self.optimizer, self.schedule, self.state, cfg.train.seed,
+                      self.global_batch, cfg.optim.clip_grad, cfg.train.stop_after_nonfinite, self.issues,
+                      tuple(cfg.data.mean), tuple(cfg.data.std))
 
     def _announce(self, resumed: Path | None) -> None:
         acc, tc = self.accelerator, self.cfg.train

@@ -3,6 +3,10 @@
 Each training sample draws its crop and flip from ``keyed_generator(seed, epoch, index)``, so the
 augmentation of a sample depends only on where it sits in the run, not on worker count, process
 count or how often the run was interrupted and resumed.
+
+Pixel conventions: training samples (:class:`PretrainTransform`) are uint8, normalised on the training
+device by :func:`normalize_pixels`; evaluation samples (:class:`EvalTransform`: previews, kNN) are
+float32, already normalised.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
+
+from fcmae.images import can_reduce, load_image
 
 
 def keyed_generator(*keys: int) -> torch.Generator:
@@ -61,46 +67,104 @@ def sample_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def to_normalized_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """8-bit PIL image -> (C, H, W) float32, scaled to [0, 1] then normalised per channel."""
-    x = TF.pil_to_tensor(img).float().div_(255.0)
-    return TF.normalize(x, list(mean), list(std))
+def normalize_pixels(pixels: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
+                     memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """uint8 pixels -> float32 scaled to [0, 1], then normalised per channel, on the pixels' device.
+
+    Training batches reach the device as uint8 (a quarter of the bytes of float32) and are normalised
+    there; the math is the CPU path's, so results match it exactly.
+
+    Args:
+        pixels: uint8 (B, C, H, W) or (C, H, W).
+        mean, std: C values each (sequences, or tensors already on the device).
+        memory_format: of a 4-D result, e.g. ``torch.channels_last`` for a channels-last model.
+
+    Returns:
+        float32 of the shape of ``pixels``.
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+    if pixels.dim() == 4:
+        pixels = pixels.contiguous(memory_format=memory_format)
+    return pixels.float().div_(255.0).sub_(mean).div_(std)
+
+
+def dct_reduction(box_height: int, box_width: int, size: int) -> int:
+    """The largest of 1, 2, 4, 8 at which a ``box_height`` x ``box_width`` crop still spans ``size`` pixels."""
+    factor = 1
+    while factor < 8 and min(box_height, box_width) >= 2 * factor * size:
+        factor *= 2
+    return factor
+
+
+def resized_crop(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+    """Crop (top, left, height, width), fractional allowed, resized to ``size`` x ``size`` (bicubic, antialiased).
+
+    Integer boxes give exactly torchvision's ``resized_crop``; fractional ones address the image at
+    sub-pixel precision (a crop box mapped into a reduced-size decode).
+    """
+    top, left, height, width = box
+    x0, y0 = math.floor(left), math.floor(top)
+    patch = img.crop((x0, y0, math.ceil(left + width), math.ceil(top + height)))
+    inner = (left - x0, top - y0, left - x0 + width, top - y0 + height)
+    return patch.resize((size, size), Image.Resampling.BICUBIC, box=inner)
 
 
 class PretrainTransform:
-    """RandomResizedCrop (bicubic) + horizontal flip + normalisation, driven by a generator.
+    """Decode + RandomResizedCrop (bicubic) + horizontal flip, driven by a generator; uint8 out.
+
+    The crop box is drawn in the full image's coordinates. With ``reduced_decode``, a JPEG (without
+    EXIF rotation) has its box drawn from the header size before decoding, and is decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) where the box still spans ``size`` pixels on both sides; the
+    box is then mapped into the reduced image. The draws are the same either way (a run stays
+    deterministic and resumable); only the resampling differs slightly. Normalisation happens on the
+    training device (:func:`normalize_pixels`).
 
     Args:
         size: output side S.
         scale: crop area range (paper: 0.2-1.0).
         ratio: crop aspect-ratio range.
         hflip: flip probability.
-        mean, std: per-channel normalisation.
+        reduced_decode: decode JPEGs at reduced size when the crop allows.
     """
 
     def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
-                 mean: Sequence[float], std: Sequence[float]):
+                 reduced_decode: bool = True):
         self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.reduced_decode = reduced_decode
 
-    def __call__(self, img: Image.Image, generator: torch.Generator) -> tuple[Tensor, list[str]]:
-        """PIL image -> ((C, S, S) tensor, notes); the note ``small`` flags upscaled tiny images."""
-        notes = ["small"] if min(img.size) < self.size else []
-        top, left, h, w = sample_crop_box(img.height, img.width, self.scale, self.ratio, generator)
-        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
-                              interpolation=InterpolationMode.BICUBIC, antialias=True)
+    def __call__(self, img: Image.Image, generator: torch.Generator, mode: str = "RGB") -> tuple[Tensor, list[str]]:
+        """Opened (:func:`fcmae.images.open_image`) or decoded image -> ((C, S, S) uint8, notes).
+
+        Notes are the decode's conversions, then ``small`` for an image with a side below S (upscaled).
+
+        Raises:
+            BadImageError: the pixels cannot be decoded.
+        """
+        if self.reduced_decode and can_reduce(img):
+            box, small = self._draw_box(img.width, img.height, generator)
+            img, notes, factor = load_image(img, mode, dct_reduction(box[2], box[3], self.size))
+        else:
+            img, notes, factor = load_image(img, mode)
+            box, small = self._draw_box(img.width, img.height, generator)
+        img = resized_crop(img, tuple(v / factor for v in box), self.size)
         if float(torch.rand((), generator=generator)) < self.hflip:
             img = TF.hflip(img)
-        return to_normalized_tensor(img, self.mean, self.std), notes
+        return TF.pil_to_tensor(img), notes + small
+
+    def _draw_box(self, width: int, height: int, generator: torch.Generator) -> tuple[tuple[int, ...], list[str]]:
+        box = sample_crop_box(height, width, self.scale, self.ratio, generator)
+        return box, (["small"] if min(width, height) < self.size else [])
 
 
 class EvalTransform:
-    """Resize the shorter side to S (bicubic), centre crop S x S, normalise: for monitors and previews."""
+    """Resize the shorter side to S (bicubic), centre crop S x S, normalise: float32 out, for the eval-only
+    paths (reconstruction previews, kNN monitor), which run on the CPU side."""
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
 
     def __call__(self, img: Image.Image) -> Tensor:
-        """PIL image -> (C, S, S)."""
+        """Decoded PIL image -> (C, S, S) float32."""
         img = TF.resize(img, self.size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        return to_normalized_tensor(TF.center_crop(img, [self.size, self.size]), self.mean, self.std)
+        return normalize_pixels(TF.pil_to_tensor(TF.center_crop(img, [self.size, self.size])), self.mean, self.std)

@@ -167,7 +167,7 @@ def test_zoo_folder_yields_only_good_tensors_and_counts_every_kind(zoo):
     write_images(zoo, 3, start_seed=50)
     cfg = DataConfig(path=str(zoo), input_size=32, num_workers=0)
     source = load_image_source(cfg)
-    transform = PretrainTransform(32, (0.2, 1.0), (0.75, 4 / 3), 0.5, (0.5,) * 3, (0.5,) * 3)
+    transform = PretrainTransform(32, (0.2, 1.0), (0.75, 4 / 3), 0.5)
     dataset = PretrainImages(source, transform, cfg, in_chans=3, seed=0)
     batch = collate_examples([dataset[(0, i)] for i in range(len(dataset))])
     assert batch["pixel_values"].shape == (len(ZOO) + 3, 3, 32, 32)

@@ -1,0 +1,190 @@
+"""Input pipeline: reduced-size JPEG decoding, uint8 batches normalised on the device, the input benchmark."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from safetensors.torch import load_file
+from torchvision.transforms import InterpolationMode
+
+import fcmae
+import fcmae.pretraining
+from fcmae.config import ConfigError
+from fcmae.data import collate_examples, load_image_source
+from fcmae.engine import input_memory_format
+from fcmae.images import BadImageError, can_reduce, load_image, open_image
+from fcmae.loader import build_pretrain_loader
+from fcmae.pretrain_config import DataConfig, load_pretrain_config
+from fcmae.pretraining import run_pretraining
+from fcmae.transforms import (
+    EvalTransform,
+    PretrainTransform,
+    dct_reduction,
+    keyed_generator,
+    normalize_pixels,
+    resized_crop,
+    sample_crop_box,
+)
+from tests.pretrain_helpers import random_image, reset_accelerate, tiny_config
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def smooth_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """Low-frequency random colour fields (a bicubic upsampling of an 8x6 grid of noise)."""
+    grid = np.random.default_rng(seed).normal(0.0, 60.0, (3, 6, 8)).astype(np.float32)
+    planes = [np.asarray(Image.fromarray(g).resize((width, height), Image.BICUBIC)) for g in grid]
+    return Image.fromarray(np.clip(np.stack(planes, axis=-1) + 128, 0, 255).astype(np.uint8)).convert(mode)
+
+
+def jpeg(img: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=90, **kwargs)
+    return buffer.getvalue()
+
+
+def both_ways(data: bytes, key: int, size: int = 64, mode: str = "RGB"):
+    """(output, notes) of the transform with reduced decoding on, then off, for the same generator key."""
+    return [PretrainTransform(size, (0.2, 1.0), (3 / 4, 4 / 3), 0.5, reduced)(
+        open_image(data), keyed_generator(key), mode) for reduced in (True, False)]
+
+
+def test_reduced_decode_is_a_config_switch_on_by_default(tmp_path):
+    assert DataConfig().reduced_decode is True
+    cfg = load_pretrain_config(None, [f"output_dir={tmp_path}", "data.reduced_decode=false"])
+    assert cfg.data.reduced_decode is False
+    with pytest.raises(ConfigError, match="data.reduced_decode"):
+        load_pretrain_config(None, [f"output_dir={tmp_path}", "data.reduced_decode=sometimes"])
+    with pytest.raises(ConfigError, match="did you mean 'data.reduced_decode'"):
+        load_pretrain_config(None, [f"output_dir={tmp_path}", "data.reduce_decode=true"])
+
+
+def test_dct_reduction_is_the_smallest_scale_that_still_covers_the_output():
+    assert dct_reduction(447, 1000, 224) == 1
+    assert dct_reduction(448, 1000, 224) == 2
+    assert dct_reduction(1000, 900, 224) == 4
+    assert dct_reduction(1792, 1800, 224) == 8 and dct_reduction(5000, 5000, 224) == 8
+
+
+def test_load_image_reduces_jpegs_only_and_maps_pixel_edges():
+    data = jpeg(smooth_image(401, 301))
+    img, notes, factor = load_image(open_image(data), "RGB", reduce=4)
+    assert (img.size, notes, factor) == ((101, 76), [], 4)  # ceil(401 / 4) x ceil(301 / 4)
+    full, _, _ = load_image(open_image(data), "RGB")
+    # the reduced image is the full one averaged over 4x4 blocks (up to JPEG's own rounding)
+    blocks = np.asarray(full, dtype=np.float32)[:300, :400].reshape(75, 4, 100, 4, 3).mean(axis=(1, 3))
+    assert np.abs(np.asarray(img, dtype=np.float32)[:75, :100] - blocks).mean() < 1.5
+    png = io.BytesIO()
+    smooth_image(401, 301).save(png, "PNG")
+    assert load_image(open_image(png.getvalue()), "RGB", reduce=4)[0].size == (401, 301)
+    assert load_image(full, "RGB", reduce=4)[2] == 1  # already decoded: nothing to reduce
+
+
+def test_reduced_outputs_are_close_to_full_decoding_and_identical_in_form():
+    data = jpeg(smooth_image(960, 720))
+    for key in range(12):
+        (on, notes_on), (off, notes_off) = both_ways(data, key)
+        box = sample_crop_box(720, 960, (0.2, 1.0), (3 / 4, 4 / 3), keyed_generator(key))
+        assert dct_reduction(box[2], box[3], 64) >= 4  # the reduced path really ran
+        assert on.shape == off.shape == (3, 64, 64) and on.dtype == off.dtype == torch.uint8
+        assert notes_on == notes_off == []
+        assert (on.float() - off.float()).abs().mean() < 1.0  # of 255
+
+
+def test_formats_without_reduction_give_exactly_the_full_decode():
+    png = io.BytesIO()
+    smooth_image(300, 200).save(png, "PNG")
+    (on, _), (off, _) = both_ways(png.getvalue(), key=3)
+    assert torch.equal(on, off)
+
+
+def test_exif_rotated_jpeg_skips_reduction_and_keeps_its_orientation():
+    img = smooth_image(600, 300)  # landscape, tagged 'rotate 90 degrees clockwise to display': portrait
+    img.paste((255, 0, 0), (0, 0, 300, 300))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = jpeg(img, exif=exif.tobytes())
+    assert not can_reduce(open_image(data))
+    (on, notes), (off, _) = both_ways(data, key=5, size=32)
+    assert notes == ["exif"] and torch.equal(on, off)
+    displayed, _, factor = load_image(open_image(data), "RGB", reduce=2)
+    assert displayed.size == (300, 600) and factor == 1
+    assert displayed.getpixel((150, 100))[0] > 200  # the red half is on top once rotated
+
+
+def test_reduced_decoding_keeps_conversions_and_bad_image_reports():
+    cmyk = jpeg(Image.new("CMYK", (512, 512), (0, 255, 255, 0)))
+    (on, notes), (off, _) = both_ways(cmyk, key=1)
+    assert notes == ["color-space"] and (on.float() - off.float()).abs().max() <= 2
+    (gray, notes), _ = both_ways(jpeg(smooth_image(512, 512)), key=2, mode="L")
+    assert gray.shape == (1, 64, 64) and notes == ["channels"]
+    progressive = jpeg(smooth_image(512, 512), progressive=True)
+    (on, _), (off, _) = both_ways(progressive, key=4)
+    assert (on.float() - off.float()).abs().mean() < 1.0
+    truncated = jpeg(random_image(0, (512, 512)))
+    with pytest.raises(BadImageError) as info:
+        both_ways(truncated[: len(truncated) // 2], key=0)
+    assert info.value.kind == "corrupt"
+
+
+def test_resized_crop_on_an_integer_box_is_torchvision_resized_crop():
+    img = random_image(3, (90, 70))
+    for top, left, h, w in [(0, 0, 70, 90), (5, 7, 40, 33), (12, 3, 20, 61)]:
+        expected = TF.resized_crop(img, top, left, h, w, [32, 32], interpolation=InterpolationMode.BICUBIC,
+                                   antialias=True)
+        assert np.array_equal(np.asarray(resized_crop(img, (top, left, h, w), 32)), np.asarray(expected))
+
+
+def test_device_normalisation_is_the_cpu_float_math_exactly():
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    before = TF.normalize(pixels.float().div(255.0), list(MEAN), list(STD))  # what the workers used to ship
+    after = normalize_pixels(pixels, MEAN, STD, torch.channels_last)
+    assert after.dtype == torch.float32 and after.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(after, before)
+    model = fcmae.create_fcmae("convnextv2_test", decoder_embed_dim=16)
+    losses = [model(x, generator=keyed_generator(0)).loss.item() for x in (before, after)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    white = Image.new("RGB", (40, 50), (255, 255, 255))
+    torch.testing.assert_close(EvalTransform(32, MEAN, STD)(white),
+                               normalize_pixels(torch.full((3, 32, 32), 255, dtype=torch.uint8), MEAN, STD))
+
+
+def test_training_batches_are_uint8_and_input_follows_the_model_layout(tmp_path):
+    cfg = DataConfig(generated_images=8, input_size=32, num_workers=0)
+    loader = build_pretrain_loader(cfg, load_image_source(cfg), in_chans=3, batch_size=4, accumulation=1, rank=0,
+                                   world_size=1, seed=0)
+    batch = next(iter(loader.epoch(0)))
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values"].dtype == torch.uint8
+    items = [{"pixel_values": torch.zeros(3, 8, 8, dtype=torch.uint8), "issues": []}] * 2
+    assert collate_examples(items)["pixel_values"].dtype == torch.uint8
+    model = fcmae.create_fcmae("convnextv2_test")
+    assert input_memory_format(model) == torch.contiguous_format
+    assert input_memory_format(model.to(memory_format=torch.channels_last)) == torch.channels_last
+
+
+def test_channels_last_run_on_reduced_jpegs_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(fcmae.pretraining, "prefers_channels_last", lambda device: True)
+    folder = tmp_path / "jpegs"
+    folder.mkdir()
+    for i in range(8):
+        smooth_image(200 + 8 * i, 180, seed=i).save(folder / f"{i}.jpg", quality=90)
+    common = [f"data.path={folder}", "train.epochs=2"]
+    try:
+        straight = run_pretraining(tiny_config(tmp_path / "a", *common))
+        reset_accelerate()
+        run_pretraining(tiny_config(tmp_path / "b", *common, "train.max_steps=2"))
+        reset_accelerate()
+        resumed = run_pretraining(tiny_config(tmp_path / "b", *common))
+    finally:
+        reset_accelerate()
+    log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["event"] == "resume"] == [2]
+    a = load_file(straight / "weights" / "fcmae.safetensors")
+    b = load_file(resumed / "weights" / "fcmae.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
