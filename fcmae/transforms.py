@@ -97,17 +97,27 @@ def dct_reduction(box_height: int, box_width: int, size: int) -> int:
     return factor
 
 
-def resized_crop(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
-    """Crop (top, left, height, width), fractional allowed, resized to ``size`` x ``size`` (bicubic, antialiased).
-
-    Integer boxes give exactly torchvision's ``resized_crop``; fractional ones address the image at
-    sub-pixel precision (a crop box mapped into a reduced-size decode).
-    """
+def reduced_box(box: tuple[int, int, int, int], factor: int) -> tuple[int, int, int, int]:
+    """A (top, left, height, width) box of the full image on the pixel grid of its 1/``factor`` decode (edges
+    rounded to the nearest reduced pixel)."""
     top, left, height, width = box
-    x0, y0 = math.floor(left), math.floor(top)
-    patch = img.crop((x0, y0, math.ceil(left + width), math.ceil(top + height)))
-    inner = (left - x0, top - y0, left - x0 + width, top - y0 + height)
-    return patch.resize((size, size), Image.Resampling.BICUBIC, box=inner)
+    new_top, new_left = round(top / factor), round(left / factor)
+    return new_top, new_left, round((top + height) / factor) - new_top, round((left + width) / factor) - new_left
+
+
+def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int) -> Tensor:
+    """The (top, left, height, width) crop of ``img`` resized to ``size`` x ``size``, bicubic, antialiased.
+
+    Resampled by torch's uint8 kernel (about 3x faster than PIL's, within 2 levels of it), except RGBA,
+    which PIL resamples premultiplied by alpha (no colour bleeding from transparent pixels).
+
+    Returns:
+        (C, S, S) uint8.
+    """
+    options = dict(interpolation=InterpolationMode.BICUBIC, antialias=True)
+    if img.mode == "RGBA":
+        return TF.pil_to_tensor(TF.resized_crop(img, *box, [size, size], **options))
+    return TF.resized_crop(TF.pil_to_tensor(img), *box, [size, size], **options)
 
 
 class PretrainTransform:
@@ -116,9 +126,9 @@ class PretrainTransform:
     The crop box is drawn in the full image's coordinates. With ``reduced_decode``, a JPEG (without
     EXIF rotation) has its box drawn from the header size before decoding, and is decoded at the
     smallest DCT scale (1/2, 1/4, 1/8) where the box still spans ``size`` pixels on both sides; the
-    box is then mapped into the reduced image. The draws are the same either way (a run stays
-    deterministic and resumable); only the resampling differs slightly. Normalisation happens on the
-    training device (:func:`normalize_pixels`).
+    box is then mapped onto the reduced image's pixel grid. The draws are the same either way (a run
+    stays deterministic and resumable); only the resampling differs slightly. Normalisation happens
+    on the training device (:func:`normalize_pixels`).
 
     Args:
         size: output side S.
@@ -147,10 +157,10 @@ class PretrainTransform:
         else:
             img, notes, factor = load_image(img, mode)
             box, small = self._draw_box(img.width, img.height, generator)
-        img = resized_crop(img, tuple(v / factor for v in box), self.size)
+        pixels = resized_crop(img, reduced_box(box, factor), self.size)
         if float(torch.rand((), generator=generator)) < self.hflip:
-            img = TF.hflip(img)
-        return TF.pil_to_tensor(img), notes + small
+            pixels = pixels.flip(-1)
+        return pixels, notes + small
 
     def _draw_box(self, width: int, height: int, generator: torch.Generator) -> tuple[tuple[int, ...], list[str]]:
         box = sample_crop_box(height, width, self.scale, self.ratio, generator)
