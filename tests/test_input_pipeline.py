@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +39,7 @@ from tests.pretrain_helpers import random_image, reset_accelerate, tiny_config
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLOSE = 2.5  # mean absolute difference (of 255) between reduced and full decoding of a smooth image
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_input.py"
 
 
 def smooth_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -200,3 +204,33 @@ def test_channels_last_run_on_reduced_jpegs_resumes_exactly(tmp_path, monkeypatc
     a = load_file(straight / "weights" / "fcmae.safetensors")
     b = load_file(resumed / "weights" / "fcmae.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_input", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_photos_have_realistic_jpeg_sizes():
+    bench = _benchmark()
+    photo = bench.random_photo(np.random.default_rng(0), 500, 375)
+    assert 60_000 < len(jpeg(photo)) < 160_000  # ImageNet's JPEGs average about 110 KB
+
+
+def test_input_benchmark_smoke_writes_json(tmp_path):
+    bench = _benchmark()
+    out = tmp_path / "input.json"
+    try:
+        results = bench.main(["--smoke", "--data", str(tmp_path / "jpegs"), "--json", str(out)])
+    finally:
+        reset_accelerate()
+    assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 12
+    assert set(results["decode_ms"]) == {"true", "false"} and all(v > 0 for v in results["decode_ms"].values())
+    train = results["train"]
+    assert results["loader"] > 0 and train["synthetic"] > 0 and train["real"] > 0
+    assert train["ratio"] == pytest.approx(train["real"] / train["synthetic"])
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["device"] == "cpu" and saved["settings"]["size"] == "test"

@@ -1,0 +1,231 @@
+"""Benchmark the pretraining input pipeline: a folder of JPEGs -> the real loader -> the real training loop.
+
+Measurements on one folder of ImageNet-like JPEGs (generated once into ``--data``, reused after):
+
+* ``decode``: ms per image of one training item (read, decode, crop, flip; no loader) in one process,
+  with ``data.reduced_decode`` on and off;
+* ``loader``: images/s through ``fcmae.loader.build_pretrain_loader`` (``--workers`` processes, pinned
+  memory on CUDA), counted after the first wave of batches (one per worker);
+* ``train``: images/s of ``Engine.train_one_epoch`` in a ``PretrainingRun`` (the run's accelerator,
+  precision, channels-last and optional compile), fed by synthetic uint8 batches of the same shape,
+  then by the real loader from a cold start; and real / synthetic, the input pipeline's efficiency.
+
+The folder's file list is repeated so that one epoch outlasts warm-up and measurement: an epoch end
+stalls every worker at once, which a real corpus (thousands of batches per epoch) almost never sees.
+
+On the GPU machine (16 cores)::
+
+    python scripts/benchmark_input.py --size tiny --backend native --workers 16 --batch-size 128 --compile \\
+        --data /tmp/imagenet_like --json input_pipeline.json
+    python scripts/benchmark_input.py --smoke     # CPU-sized run used by the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fcmae.data import ImageSource, PretrainImages, image_folder_dataset  # noqa: E402
+from fcmae.loader import build_pretrain_loader  # noqa: E402
+from fcmae.pretrain_config import DataConfig, PretrainConfig, load_pretrain_config  # noqa: E402
+from fcmae.pretraining import PretrainingRun  # noqa: E402
+from fcmae.transforms import PretrainTransform  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+# (amplitude, cells per 1024 px): smooth fields plus fine texture, about 100 KB at 500x375, quality 90.
+_OCTAVES = ((50, 4), (35, 16), (25, 64), (28, 256), (20, 1024))
+
+
+def photo_size(rng: np.random.Generator, scale: float = 1.0) -> tuple[int, int]:
+    """(width, height) like ImageNet's: mostly 500 px on the long side, a tail smaller and larger; 3/4 landscape."""
+    long_side = int(rng.choice([500] * 7 + [333, 375, 800]) * scale)
+    short_side = round(long_side / rng.choice([4 / 3, 4 / 3, 4 / 3, 3 / 2, 1.0, 16 / 9]))
+    return (long_side, short_side) if rng.random() < 0.75 else (short_side, long_side)
+
+
+def random_photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """An RGB image of smooth random fields at several scales (JPEG sizes like photographs')."""
+    out = np.full((height, width, 3), 128.0, dtype=np.float32)
+    for amplitude, cells in _OCTAVES:
+        grid = rng.normal(0.0, amplitude, (3, max(2, height * cells // 1024 + 2), max(2, width * cells // 1024 + 2)))
+        out += np.stack([np.asarray(Image.fromarray(g.astype(np.float32)).resize((width, height), Image.BICUBIC))
+                         for g in grid], axis=-1)
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def _write_photo(job: tuple[str, int, float, int]) -> None:
+    path, seed, scale, quality = job
+    rng = np.random.default_rng(seed)
+    random_photo(rng, *photo_size(rng, scale)).save(path, "JPEG", quality=quality)
+
+
+def make_jpeg_folder(root: Path, count: int, scale: float = 1.0, quality: int = 90) -> Path:
+    """``root`` holding ``img_00000.jpg`` ... (``count`` files; missing ones are written, in parallel)."""
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(root / f"img_{i:05d}.jpg"), i, scale, quality) for i in range(count)
+            if not (root / f"img_{i:05d}.jpg").exists()]
+    if jobs:
+        with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            list(pool.map(_write_photo, jobs, chunksize=16))
+    return root
+
+
+def folder_source(root: Path, repeat: int) -> ImageSource:
+    """The folder as the loader reads it (paths, decoded by the workers), its file list repeated ``repeat`` times."""
+    source = image_folder_dataset(root)
+    source.dataset = datasets.concatenate_datasets([source.dataset] * repeat)
+    return source
+
+
+def decode_ms(source: ImageSource, cfg: DataConfig, count: int) -> float:
+    """Milliseconds per training item (read + decode + crop + flip -> uint8) in this process."""
+    transform = PretrainTransform(cfg.input_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.reduced_decode)
+    items = PretrainImages(source, transform, cfg, in_chans=3, seed=0)
+    for index in range(min(count, 8)):  # warm-up: first calls pay one-off costs
+        items[(1, index)]
+    start = time.perf_counter()
+    for index in range(count):
+        items[(0, index)]
+    return 1000 * (time.perf_counter() - start) / count
+
+
+def loader_images_per_s(cfg: DataConfig, source: ImageSource, batch_size: int, batches: int) -> float:
+    """Images/s of the real pretraining loader, timed after the first wave (one batch per worker)."""
+    loader = build_pretrain_loader(cfg, source, in_chans=3, batch_size=batch_size, accumulation=1, rank=0,
+                                   world_size=1, seed=0, pin_memory=torch.cuda.is_available())
+    wave = max(cfg.num_workers, 1)
+    stamps = []
+    for _ in loader.epoch(0):
+        stamps.append(time.perf_counter())
+        if len(stamps) == wave + batches:
+            break
+    return batches * batch_size / (stamps[-1] - stamps[wave - 1])
+
+
+def synthetic_batches(batch_size: int, size: int, pin: bool) -> Iterator[dict]:
+    """Endless ``{"pixel_values": (B, 3, S, S) uint8, "issues": []}``, one (pinned) tensor copied each step."""
+    pixels = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
+    pixels = pixels.pin_memory() if pin else pixels
+    while True:
+        yield {"pixel_values": pixels, "issues": []}
+
+
+def train_images_per_s(run: PretrainingRun, batches, skip: int, steps: int) -> float:
+    """Images/s of the run's training loop over ``batches``, timed from optimizer step ``skip`` to ``skip + steps``.
+
+    Every step ends in a host sync (loss and gradient norm are read), so its timestamp is when it finished.
+    """
+    stamps: list[float] = []
+
+    def on_step(_) -> bool:
+        stamps.append(time.perf_counter())
+        return len(stamps) == skip + steps
+
+    run.engine().train_one_epoch(batches, on_step)
+    if len(stamps) < skip + steps:
+        raise RuntimeError(f"the epoch ended after {len(stamps)} steps, fewer than {skip + steps}")
+    return steps * run.global_batch / (stamps[-1] - stamps[skip - 1])
+
+
+def run_config(args: argparse.Namespace, output_dir: str) -> PretrainConfig:
+    """The size's pretraining config (the paper's recipe) with the benchmark's settings."""
+    path = CONFIGS / f"convnextv2_{args.size}.yaml"
+    return load_pretrain_config(path if path.exists() else None, [
+        f"model.name=convnextv2_{args.size}", f"model.backend={args.backend}", f"output_dir={output_dir}",
+        f"data.input_size={args.input_size}", f"data.num_workers={args.workers}", f"train.batch_size={args.batch_size}",
+        f"train.compile={str(args.compile).lower()}", "log.trackers=[]", "log.progress_bar=false",
+    ])
+
+
+def measure_training(args: argparse.Namespace, source: ImageSource) -> dict[str, float]:
+    """Synthetic then real images/s through one run's training loop (compiled once, by the synthetic warm-up)."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        run = PretrainingRun(run_config(args, output_dir), dataset=source.dataset)
+        pin = run.accelerator.device.type == "cuda"
+        synthetic = train_images_per_s(run, synthetic_batches(args.batch_size, args.input_size, pin),
+                                       args.warmup, args.steps)
+        real = train_images_per_s(run, run.loader.epoch(0), max(args.workers, 1), args.steps)
+        device = run.accelerator.device
+        precision = run.accelerator.mixed_precision
+    return {"synthetic": synthetic, "real": real, "ratio": real / synthetic, "device_type": device.type,
+            "precision": precision}
+
+
+def print_table(results: dict) -> None:
+    print(f"{'measurement':34} {'value':>10}")
+    for reduced, ms in results["decode_ms"].items():
+        print(f"{'decode+crop, reduced_decode=' + reduced:34} {ms:8.2f} ms/image")
+    print(f"{'loader (' + str(results['settings']['workers']) + ' workers)':34} {results['loader']:8.1f} img/s")
+    train = results["train"]
+    print(f"{'train, synthetic uint8 input':34} {train['synthetic']:8.1f} img/s")
+    print(f"{'train, real loader':34} {train['real']:8.1f} img/s")
+    print(f"{'real / synthetic':34} {train['ratio']:8.3f}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fcmae_imagenet_like",
+                   help="folder of JPEGs (written once when missing)")
+    p.add_argument("--images", type=int, default=2048, help="JPEG files in the folder")
+    p.add_argument("--size", default="tiny", help="convnextv2_<size>")
+    p.add_argument("--backend", default="native", choices=["native", "dense", "minkowski"])
+    p.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile through accelerate)")
+    p.add_argument("--workers", type=int, default=16, help="data.num_workers")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=20, help="synthetic optimizer steps before timing (compiles)")
+    p.add_argument("--steps", type=int, default=200, help="timed optimizer steps, synthetic and real alike")
+    p.add_argument("--loader-batches", type=int, default=100, help="timed batches of the loader alone")
+    p.add_argument("--decode-images", type=int, default=200, help="items timed for the per-image decode cost")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--smoke", action="store_true", help="test model, a few small images, CPU-sized (for tests)")
+    args = p.parse_args(argv)
+    args.image_scale = 1.0
+    if args.smoke:
+        args.images, args.image_scale, args.size, args.input_size, args.batch_size = 12, 0.25, "test", 64, 4
+        args.workers, args.warmup, args.steps, args.loader_batches, args.decode_images = 0, 1, 2, 2, 4
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run every measurement; print a table; write JSON when asked. Returns the results."""
+    args = parse_args(argv)
+    make_jpeg_folder(args.data, args.images, args.image_scale)
+    needed = (max(args.workers, 1) + max(args.steps, args.loader_batches) + 1) * args.batch_size
+    source = folder_source(args.data, math.ceil(needed / args.images))
+    cfg = load_pretrain_config(None, [f"data.input_size={args.input_size}", f"data.num_workers={args.workers}"]).data
+    results = {
+        "decode_ms": {str(on).lower(): decode_ms(source, dataclasses.replace(cfg, reduced_decode=on),
+                                                 args.decode_images) for on in (True, False)},
+        "loader": loader_images_per_s(cfg, source, args.batch_size, args.loader_batches),
+        "train": measure_training(args, source),
+    }
+    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results["meta"] = {
+        "device": torch.cuda.get_device_name() if results["train"]["device_type"] == "cuda" else "cpu",
+        "cpu_cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
