@@ -21,7 +21,11 @@ from fcmae.transforms import EvalTransform
 @torch.no_grad()
 def pooled_features(encoder: nn.Module, loader: DataLoader, device: torch.device,
                     issues: DataIssues) -> tuple[Tensor, Tensor]:
-    """(N, C) L2-normalised pooled features and (N,) labels of every decodable image in ``loader``."""
+    """(N, C) L2-normalised pooled features and (N,) labels of every decodable image in ``loader``.
+
+    ``loader`` yields float32 pixels already normalised (:class:`fcmae.transforms.EvalTransform`), unlike
+    the uint8 training batches.
+    """
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
