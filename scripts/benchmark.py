@@ -5,7 +5,7 @@ peak memory, and model FLOP utilisation of the useful FLOPs (stem, visible sites
 decoder; x3 for forward + backward). Ratios are computed within one run. Prints a table and writes
 JSON.
 
-    python scripts/benchmark.py --sizes base --backends dense native --compile both --precision bf16
+    python scripts/benchmark.py --sizes base --backends dense native --compile off default reduce-overhead
     python scripts/benchmark.py --smoke     # tiny CPU run used by the test suite
 """
 
@@ -28,6 +28,7 @@ import fcmae  # noqa: E402
 from fcmae.masking import num_visible  # noqa: E402
 from models import create_model  # noqa: E402
 
+COMPILE_MODES = ["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.7}, "H200": {"bf16": 989.0, "fp32": 494.7}}
 
 
@@ -35,7 +36,7 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.7}, "H200": {"bf16": 989.0, "
 class Result:
     size: str
     backend: str
-    compile: bool
+    compile: str  # "off" or the torch.compile mode
     precision: str
     batch_size: int
     images_per_s: float | None
@@ -77,18 +78,21 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
     return next((v[precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def build_step(size: str, backend: str, compile_model: bool, precision: str, device: torch.device, args):
+def build_step(size: str, backend: str, compile_mode: str, precision: str, device: torch.device, args):
     model = fcmae.create_fcmae(f"convnextv2_{size}", backend=backend, mask_ratio=args.mask_ratio).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    forward = torch.compile(model, mode=args.compile_mode) if compile_model else model
+    forward = model if compile_mode == "off" else torch.compile(model, mode=compile_mode)
+    graphs = "cudagraphs" in compile_mode or compile_mode == "reduce-overhead"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     if device.type == "cuda":
         imgs = imgs.contiguous(memory_format=torch.channels_last)
 
     def step():
+        if graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16"):
             loss = forward(imgs).loss
         loss.backward()
@@ -103,15 +107,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(size, backend, compile_model, precision, device, args) -> Result:
-    result = Result(size, backend, compile_model, precision, args.batch_size, None, None, None, None)
+def measure(size, backend, compile_mode, precision, device, args) -> Result:
+    result = Result(size, backend, compile_mode, precision, args.batch_size, None, None, None, None)
+    torch._dynamo.reset()  # drop earlier configurations' graphs (and their recompile budget)
+    if device.type == "cuda":  # peak over warm-up too: CUDA graph pools are allocated while recording
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     try:
-        step = build_step(size, backend, compile_model, precision, device, args)
+        step = build_step(size, backend, compile_mode, precision, device, args)
         for _ in range(args.warmup):
             step()
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         times = []
         for _ in range(args.repeats):
             sync(device)
@@ -124,7 +129,7 @@ def measure(size, backend, compile_model, precision, device, args) -> Result:
         result.error = f"OOM: {str(err).splitlines()[0]}"
         return result
     if args.profile:
-        print(f"== profile: {size} {backend} compile={compile_model} {precision}")
+        print(f"== profile: {size} {backend} compile={compile_mode} {precision}")
         profile_step(step, device)
     step_s = statistics.median(times)
     result.step_ms = 1000 * step_s
@@ -139,6 +144,7 @@ def measure(size, backend, compile_model, precision, device, args) -> Result:
 
 def profile_step(step, device: torch.device, rows: int = 25) -> None:
     """Print where the time of two steps goes: kernel table and kernel time vs wall clock."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -152,7 +158,7 @@ def profile_step(step, device: torch.device, rows: int = 25) -> None:
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_key, row_limit=rows, max_name_column_width=70))
     if device.type == "cuda":
-        kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / 2
+        kernel_us = sum(e.device_time for e in prof.events() if e.device_type == DeviceType.CUDA) / 2
         print(f"per step: wall {1000 * wall:.1f} ms (profiled), GPU kernels {kernel_us / 1000:.1f} ms")
 
 
@@ -162,19 +168,19 @@ def print_table(results: list[Result]) -> None:
         if r.backend == "dense" and r.images_per_s:
             best_dense[r.size] = max(best_dense.get(r.size, 0.0), r.images_per_s)
     header = (
-        f"{'size':6} {'backend':9} {'compile':7} {'prec':5} {'batch':5} "
+        f"{'size':6} {'backend':9} {'compile':15} {'prec':5} {'batch':5} "
         f"{'img/s':>9} {'ms':>8} {'GiB':>6} {'MFU':>6} {'vs best dense':>13}"
     )
     print(header)
     for r in results:
         if r.error:
-            print(f"{r.size:6} {r.backend:9} {str(r.compile):7} {r.precision:5} {r.batch_size:5} {r.error}")
+            print(f"{r.size:6} {r.backend:9} {r.compile:15} {r.precision:5} {r.batch_size:5} {r.error}")
             continue
         ratio = r.images_per_s / best_dense[r.size] if r.size in best_dense else float("nan")
         mem = f"{r.peak_mem_gib:6.2f}" if r.peak_mem_gib is not None else "     -"
         mfu = f"{100 * r.mfu:5.1f}%" if r.mfu is not None else "     -"
         print(
-            f"{r.size:6} {r.backend:9} {str(r.compile):7} {r.precision:5} {r.batch_size:5} "
+            f"{r.size:6} {r.backend:9} {r.compile:15} {r.precision:5} {r.batch_size:5} "
             f"{r.images_per_s:9.1f} {r.step_ms:8.1f} {mem} {mfu} {ratio:12.2f}x"
         )
 
@@ -183,8 +189,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["atto", "tiny", "base"])
     p.add_argument("--backends", nargs="+", default=["dense", "native"])
-    p.add_argument("--compile", choices=["off", "on", "both"], default="off")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
+    p.add_argument(
+        "--compile", nargs="+", choices=COMPILE_MODES, default=["off"],
+        help="off (eager) and/or torch.compile modes to measure",
+    )
     p.add_argument(
         "--precision", nargs="+", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
     )
@@ -210,13 +218,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[Result]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     results = []
     for size in args.sizes:
         for precision in args.precision:
             for backend in args.backends:
-                for compile_model in compiles:
-                    results.append(measure(size, backend, compile_model, precision, device, args))
+                for compile_mode in args.compile:
+                    results.append(measure(size, backend, compile_mode, precision, device, args))
                     print(json.dumps(asdict(results[-1])), flush=True)
     print_table(results)
     if args.json:

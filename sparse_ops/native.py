@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from sparse_ops.base import BlockLike, SparseBackend
 from sparse_ops.functional import batch_grn_nx, drop_path_scale, grn_response, segment_grn_nx
-from sparse_ops.sparse_dwconv import kernel_available, padded_site_index, sparse_depthwise_conv
+from sparse_ops.sparse_dwconv import kernel_available, neighbour_table, sparse_depthwise_conv
 
-DWCONV_PAD = 3  # the blocks' 7x7 depthwise conv
+DWCONV_SIZE = 7  # the blocks' depthwise conv
 
 
 @functools.cache
@@ -70,8 +70,8 @@ class PackedSites:
         flat_index: (N,) long index of every site into the flattened (B * H * W) grid.
         batch_index: (N,) long sample of every site.
         per_sample: sites per sample when all samples have the same number, else None.
-        centre: (N,) long index of every site into the grid padded by 3 on each side, when the CUDA
-            kernel runs the depthwise conv, else None.
+        neighbours: (49, N) int32 row of every site's neighbour under each 7x7 tap (-1: none), when
+            the CUDA kernel runs the depthwise conv, else None.
     """
 
     values: Tensor
@@ -81,7 +81,7 @@ class PackedSites:
     flat_index: Tensor
     batch_index: Tensor
     per_sample: int | None
-    centre: Tensor | None
+    neighbours: Tensor | None
 
     @property
     def batch_size(self) -> int:
@@ -102,10 +102,10 @@ def _site_indices(patches: Tensor, side: int, height: int, width: int) -> tuple[
 def _site_tables(
     patches: Tensor, side: int, shape: tuple[int, int, int], values: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Flat index, sample index and (for the CUDA kernel) the padded-grid index of every site."""
+    """Flat index, sample index and (for the CUDA kernel) the neighbour table of every site."""
     flat, batch_index = _site_indices(patches, side, shape[1], shape[2])
-    centre = padded_site_index(flat, shape, DWCONV_PAD) if kernel_available(values) else None
-    return flat, batch_index, centre
+    neighbours = neighbour_table(flat, shape, DWCONV_SIZE) if kernel_available(values) else None
+    return flat, batch_index, neighbours
 
 
 @torch.compiler.disable
@@ -146,9 +146,9 @@ class NativeSparseBackend(SparseBackend):
         side = height // mask.shape[-2]
         patches, patches_per_sample = _visible_patches(mask, visible_per_sample)
         per_sample = None if patches_per_sample is None else patches_per_sample * side * side
-        flat, batch_index, centre = _site_tables(patches, side, (batch, height, width), x)
+        flat, batch_index, neighbours = _site_tables(patches, side, (batch, height, width), x)
         values = x.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, flat)
-        return PackedSites(values, patches, side, (batch, height, width), flat, batch_index, per_sample, centre)
+        return PackedSites(values, patches, side, (batch, height, width), flat, batch_index, per_sample, neighbours)
 
     def densify(self, feats: PackedSites) -> Tensor:
         # contiguous NCHW: inductor cannot order strides of the permuted view when shapes are dynamic
@@ -162,7 +162,8 @@ class NativeSparseBackend(SparseBackend):
 
     def _depthwise(self, conv: nn.Conv2d, feats: PackedSites) -> Tensor:
         """7x7 depthwise conv reading visible neighbours only: (N, C) -> (N, C)."""
-        return sparse_depthwise_conv(feats.values, feats.flat_index, feats.centre, conv.weight, conv.bias, feats.shape)
+        values, flat, table = feats.values, feats.flat_index, feats.neighbours
+        return sparse_depthwise_conv(values, flat, table, conv.weight, conv.bias, feats.shape)
 
     def _grn_nx(self, feats: PackedSites):
         if self.grn_scope == "batch":
@@ -190,5 +191,5 @@ class NativeSparseBackend(SparseBackend):
         batch, height, width = feats.shape
         per_sample = feats.per_sample // 4 if feats.per_sample is not None else None
         shape = (batch, height // 2, width // 2)
-        flat, batch_index, centre = _site_tables(feats.patches, feats.side // 2, shape, x)
-        return PackedSites(x, feats.patches, feats.side // 2, shape, flat, batch_index, per_sample, centre)
+        flat, batch_index, neighbours = _site_tables(feats.patches, feats.side // 2, shape, x)
+        return PackedSites(x, feats.patches, feats.side // 2, shape, flat, batch_index, per_sample, neighbours)

@@ -8,7 +8,7 @@ import torch
 from fcmae import create_fcmae, random_mask
 from models import create_model
 from sparse_ops.native import NativeSparseBackend
-from sparse_ops.sparse_dwconv import padded_site_index, sparse_depthwise_conv
+from sparse_ops.sparse_dwconv import neighbour_table, sparse_depthwise_conv
 from tests.helpers import perturb_parameters, relative_error
 from tests.test_sparse_dwconv import dense_oracle
 
@@ -23,8 +23,8 @@ def test_triton_depthwise_matches_reference(dtype):
     values = feats.values.to(dtype).requires_grad_()
     weight = torch.randn(c, 1, 7, 7, device="cuda", requires_grad=True)
     bias = torch.randn(c, device="cuda", requires_grad=True)
-    centre = padded_site_index(feats.flat_index, (b, h, w), 3)
-    out = sparse_depthwise_conv(values, feats.flat_index, centre, weight, bias, (b, h, w))
+    table = neighbour_table(feats.flat_index, (b, h, w), 7)
+    out = sparse_depthwise_conv(values, feats.flat_index, table, weight, bias, (b, h, w))
     probe = torch.randn_like(out)
     grads = torch.autograd.grad((out * probe).sum(), (values, weight, bias))
     v32 = values.detach().float().requires_grad_()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,3 +42,52 @@ def test_portable_path_matches_autograd_oracle(with_bias):
     assert relative_error(out, ref) < 1e-6
     for g, r in zip(grads, ref_grads, strict=True):
         assert relative_error(g, r) < 1e-6
+
+
+_INTERPRETED_CHECK = """
+import torch
+from fcmae import random_mask
+from sparse_ops.native import NativeSparseBackend
+from sparse_ops import sparse_dwconv as sd
+from tests.test_sparse_dwconv import dense_oracle
+
+b, h, w, c = 3, 24, 16, 40
+torch.manual_seed(0)
+feats = NativeSparseBackend().sparsify(torch.randn(b, c, h, w), random_mask(b, (3, 2), 0.5))
+values = feats.values.clone().requires_grad_()
+weight = torch.randn(c, 1, 7, 7, requires_grad=True)
+bias = torch.randn(c, requires_grad=True)
+table = sd.neighbour_table(feats.flat_index, (b, h, w), 7)
+taps = weight.detach().flatten(1)
+ref = dense_oracle(values, feats.flat_index, weight, bias, (b, h, w))
+probe = torch.randn_like(ref)
+ref_values, ref_weight = torch.autograd.grad((ref * probe).sum(), (values, weight))
+errors = []
+conv_configs, wgrad_configs = sd._gather_conv_kernel.configs, sd._gather_wgrad_kernel.configs
+for config in conv_configs:  # one config at a time: the interpreter cannot benchmark, so test them all
+    sd._gather_conv_kernel.configs = [config]
+    out = sd._gather_conv(values.detach(), table, taps, bias.detach(), flip=False)
+    errors.append((out - ref).abs().max() / ref.abs().max())
+    out = sd._gather_conv(probe, table, taps, None, flip=True)
+    errors.append((out - ref_values).abs().max() / ref_values.abs().max())
+for config in wgrad_configs:
+    sd._gather_wgrad_kernel.configs = [config]
+    out = sd._gather_wgrad(values.detach(), probe, table, 49)
+    errors.append((out - ref_weight.flatten(1)).abs().max() / ref_weight.abs().max())
+print(len(errors), max(e.item() for e in errors))
+"""
+
+
+def test_triton_kernels_match_oracle_in_interpreter():
+    """The CUDA kernels' arithmetic (forward, flipped input gradient, weight gradient), run by Triton's CPU
+    interpreter so CI checks it without a GPU."""
+    pytest.importorskip("triton")
+    from sparse_ops import sparse_dwconv as sd
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, worst = done.stdout.split()[-2:]
+    assert int(count) == 2 * len(sd._gather_conv_kernel.configs) + len(sd._gather_wgrad_kernel.configs)
+    assert float(worst) < 1e-6
