@@ -193,7 +193,7 @@ def _gather_wgrad(values: Tensor, grad_out: Tensor, table: Tensor, k2: int) -> T
     partial = values.new_empty(triton.cdiv(n, WGRAD_BLOCK_N), k2, channels, dtype=torch.float32)
     grid = lambda meta: (partial.shape[0], triton.cdiv(channels, meta["BLOCK_C"]))  # noqa: E731
     _gather_wgrad_kernel[grid](values, grad_out, table, partial, n, channels, K2=k2)
-    return partial.sum(0).t()
+    return partial.sum(0).t().contiguous()
 
 
 @torch.library.custom_op("fcmae::sparse_depthwise_conv", mutates_args=(), device_types="cuda")
