@@ -20,6 +20,7 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return keep
 
 
+@torch.compiler.disable  # host-side keyed draw; pinning a CPU mask cannot be traced
 def random_mask(
         batch_size: int,
         grid: tuple[int, int],
