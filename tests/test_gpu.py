@@ -95,3 +95,29 @@ def test_compiled_fcmae_step_matches_eager():
     assert relative_error(compiled, eager) < 1e-4
     for n, p in model.named_parameters():
         assert relative_error(p.grad, eager_grads[n]) < 1e-3, n
+
+
+def test_compiled_fcmae_with_mask_generator_matches_eager():
+    """The pretraining loop's call: masks drawn on the host from a keyed generator, inside a compiled model."""
+    model = create_fcmae("convnextv2_test", backend="native", decoder_embed_dim=32).cuda()
+    imgs = torch.randn(4, 3, 128, 128, device="cuda")
+    eager = model(imgs, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(model)(imgs, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(compiled.mask, eager.mask)
+    assert relative_error(compiled.loss, eager.loss) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_depthwise_custom_ops_pass_opcheck(dtype):
+    """Fake (meta) kernels agree with the real ones on shapes and strides, and autograd is registered."""
+    b, h, w, c = 2, 16, 16, 24
+    mask = random_mask(b, (2, 2), 0.5, device="cuda")
+    feats = NativeSparseBackend().sparsify(torch.randn(b, c, h, w, device="cuda"), mask)
+    values = feats.values.to(dtype).requires_grad_()
+    taps = torch.randn(c, 49, device="cuda", dtype=dtype, requires_grad=True)
+    bias = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
+    table = neighbour_table(feats.flat_index, (b, h, w), 7)
+    torch.library.opcheck(torch.ops.fcmae.sparse_depthwise_conv.default, (values, table, taps, bias))
+    grad = torch.randn_like(values)
+    torch.library.opcheck(torch.ops.fcmae.sparse_depthwise_conv_backward.default,
+                          (grad, values.detach(), table, taps.detach()))
