@@ -84,7 +84,7 @@ def build_step(size: str, backend: str, compile_mode: str, precision: str, devic
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     forward = model if compile_mode == "off" else torch.compile(model, mode=compile_mode)
-    graphs = "cudagraphs" in compile_mode or compile_mode == "reduce-overhead"
+    graphs = compile_mode in ("reduce-overhead", "max-autotune")  # the modes that capture CUDA graphs
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     if device.type == "cuda":
