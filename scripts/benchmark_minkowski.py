@@ -5,7 +5,11 @@ configuration is a backend with a precision mode:
 
 - ``fp32``: fp32 with TF32 off (the strict comparison);
 - ``tf32``: fp32 weights, TF32 matmuls and convolutions (MinkowskiEngine's best: it has no bf16 kernels);
-- ``bf16``: bf16 autocast (TF32 on for what stays fp32); ``+compile`` adds ``torch.compile``.
+- ``bf16``: bf16 autocast (TF32 on for what stays fp32).
+
+A suffix compiles the model: ``+compile`` is ``torch.compile`` in its default mode, ``+reduce-overhead`` the mode
+that also captures CUDA graphs (every step then starts with ``torch.compiler.cudagraph_mark_step_begin()``).
+The optimizer is fused AdamW for every configuration.
 
 Results are written as JSON after every configuration, so a run cut short still reports what it measured.
 
@@ -33,23 +37,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fcmae  # noqa: E402
 from sparse_ops import available_backends  # noqa: E402
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that capture CUDA graphs
+
 
 @dataclass(frozen=True)
 class Config:
     backend: str
     precision: str  # fp32 | tf32 | bf16
-    compile: bool = False
+    compile_mode: str | None = None  # None runs eagerly; else the torch.compile mode
 
     @property
     def label(self) -> str:
-        return f"{self.backend}/{self.precision}" + ("+compile" if self.compile else "")
+        suffix = {None: "", "default": "+compile"}.get(self.compile_mode, f"+{self.compile_mode}")
+        return f"{self.backend}/{self.precision}{suffix}"
 
 
 CONFIGS = (
     Config("minkowski", "fp32"), Config("minkowski", "tf32"),
     Config("native", "fp32"), Config("dense", "fp32"),
     Config("native", "bf16"), Config("dense", "bf16"),
-    Config("native", "bf16", compile=True), Config("dense", "bf16", compile=True),
+    Config("native", "bf16", "reduce-overhead"), Config("native", "bf16", "default"),
+    Config("dense", "bf16", "default"),
 )
 
 
@@ -63,7 +71,9 @@ def set_precision(precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def train_step(model, optimizer, imgs, autocast) -> None:
+def train_step(model, optimizer, imgs, autocast, graphs: bool) -> None:
+    if graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast:
         loss = model(imgs).loss
     loss.backward()
@@ -72,27 +82,33 @@ def train_step(model, optimizer, imgs, autocast) -> None:
 
 
 def measure(size: str, config: Config, args: argparse.Namespace) -> dict:
-    """Images/s and peak memory of ``args.steps`` timed training steps after ``args.warmup`` untimed ones."""
+    """Images/s of ``args.steps`` timed training steps after ``args.warmup`` untimed ones; peak memory over both.
+
+    The peak includes the warm-up because CUDA graph pools are allocated while the graphs are recorded.
+    """
+    torch._dynamo.reset()  # drop earlier configurations' graphs (and their recompile budget)
+    torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model = fcmae.create_fcmae(f"convnextv2_{size}", backend=config.backend, mask_ratio=args.mask_ratio).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    step_model = torch.compile(model) if config.compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+    compiled = config.compile_mode is not None
+    step_model = torch.compile(model, mode=config.compile_mode) if compiled else model
+    graphs = config.compile_mode in CUDA_GRAPH_MODES
     imgs = torch.randn(args.batch, 3, args.img, args.img, device="cuda")
     autocast = set_precision(config.precision)
     start = time.perf_counter()
-    for _ in range(max(args.warmup, 3) if config.compile else args.warmup):  # compiled graphs settle by step 3
-        train_step(step_model, optimizer, imgs, autocast)
+    for _ in range(max(args.warmup, 3) if compiled else args.warmup):  # compiled graphs settle by step 3
+        train_step(step_model, optimizer, imgs, autocast, graphs)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - start
-    torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
-        train_step(step_model, optimizer, imgs, autocast)
+        train_step(step_model, optimizer, imgs, autocast, graphs)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return {
         "size": size, "config": config.label, "backend": config.backend, "precision": config.precision,
-        "compile": config.compile, "images_per_s": round(args.steps * args.batch / elapsed, 1),
+        "compile_mode": config.compile_mode, "images_per_s": round(args.steps * args.batch / elapsed, 1),
         "step_ms": round(1000 * elapsed / args.steps, 1), "peak_memory_gib": round(
             torch.cuda.max_memory_allocated() / 2**30, 2), "warmup_s": round(warmup_s, 1),
     }
@@ -136,9 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["atto", "tiny", "base"])
     parser.add_argument("--configs", nargs="+", default=[c.label for c in CONFIGS],
-                        help="labels such as native/bf16+compile")
+                        help="labels such as native/bf16+compile or native/bf16+reduce-overhead")
     parser.add_argument("--compile-sizes", nargs="+", default=["base"],
-                        help="sizes that run the +compile configurations (compiling takes minutes)")
+                        help="sizes that run the compiled configurations (compiling takes minutes)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--mask-ratio", type=float, default=0.6)
@@ -148,12 +164,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def planned_runs(args: argparse.Namespace, backends: list[str]) -> list[tuple[str, Config]]:
+    """(size, config) pairs to measure: the chosen configs of installed backends, compiled ones last."""
+    unknown = set(args.configs) - {c.label for c in CONFIGS}
+    if unknown:
+        raise SystemExit(f"unknown configs {sorted(unknown)}; choose from {[c.label for c in CONFIGS]}")
+    configs = [c for c in CONFIGS if c.label in args.configs and c.backend in backends]
+    runs = [(size, c) for size in args.sizes for c in configs
+            if c.compile_mode is None or size in args.compile_sizes]
+    return sorted(runs, key=lambda run: run[1].compile_mode is not None)  # the slow compiles last
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    runs = planned_runs(args, available_backends())
     report = {"environment": environment(args), "results": []}
-    configs = [c for c in CONFIGS if c.label in args.configs and c.backend in available_backends()]
-    runs = [(size, c) for size in args.sizes for c in configs if not c.compile or size in args.compile_sizes]
-    for size, config in sorted(runs, key=lambda run: run[1].compile):  # the slow compiles last
+    for size, config in runs:
         try:
             row = measure(size, config, args)
         except Exception as error:  # record the failure (OOM, compile error) and go on
