@@ -142,7 +142,7 @@ def measure(size, backend, compile_mode, precision, device, args) -> Result:
     return result
 
 
-def profile_step(step, device: torch.device, rows: int = 25) -> None:
+def profile_step(step, device: torch.device, rows: int = 40) -> None:
     """Print where the time of two steps goes: kernel table and kernel time vs wall clock."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile

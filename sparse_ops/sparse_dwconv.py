@@ -118,17 +118,19 @@ def neighbour_table(site_flat: Tensor, shape: tuple[int, int, int], kernel_size:
     return rows[centre[None, :] + offsets]
 
 
-WGRAD_BLOCK_N = 128  # sites per partial sum of the weight gradient (fixed: it sizes the partials buffer)
+WGRAD_BLOCK_N = 256  # sites per partial sum of the weight gradient (fixed: it sizes the partials buffer)
 
 
-def _configs(shapes: list[tuple[int, int, int]]) -> list:
-    return [triton.Config({"BLOCK_N": n, "BLOCK_C": c}, num_warps=w) for n, c, w in shapes]
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list:
+    return [triton.Config({"BLOCK_N": n, "BLOCK_C": c}, num_warps=w, num_stages=s) for n, c, w, s in shapes]
 
 
+# The tap loops are run-time loops (tl.range), not unrolled: as fast, and they compile in a fraction of a second
+# instead of several seconds per configuration.
 if triton is not None:
 
     @triton.autotune(
-        _configs([(32, 64, 4), (64, 64, 4), (128, 32, 4), (64, 128, 8)]),
+        _configs([(64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 2), (64, 128, 8, 3)]),
         key=["N", "C"],
     )
     @triton.jit
@@ -141,18 +143,21 @@ if triton is not None:
         mn = rn < N
         mc = rc < C
         acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-        for t in tl.static_range(K2):
+        for t in tl.range(0, K2):
             row = tl.load(table + t * N + rn, mask=mn, other=-1)
             v = tl.load(values + row.to(tl.int64)[:, None] * C + rc[None, :], mask=(row >= 0)[:, None] & mc[None, :],
                         other=0.0)
-            wk = tl.load(taps + rc * K2 + ((K2 - 1 - t) if FLIP else t), mask=mc, other=0.0)
+            wk = tl.load(taps + ((K2 - 1 - t) if FLIP else t) * C + rc, mask=mc, other=0.0)
             acc += v.to(tl.float32) * wk.to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias + rc, mask=mc, other=0.0).to(tl.float32)[None, :]
         tl.store(out + rn.to(tl.int64)[:, None] * C + rc[None, :], acc.to(out.dtype.element_ty),
                  mask=mn[:, None] & mc[None, :])
 
-    @triton.autotune(_configs([(WGRAD_BLOCK_N, 32, 4), (WGRAD_BLOCK_N, 64, 4), (WGRAD_BLOCK_N, 64, 8)]), key=["N", "C"])
+    @triton.autotune(
+        _configs([(WGRAD_BLOCK_N, 32, 4, 3), (WGRAD_BLOCK_N, 32, 8, 3), (WGRAD_BLOCK_N, 64, 8, 3)]),
+        key=["N", "C"],
+    )
     @triton.jit
     def _gather_wgrad_kernel(
         values, grad, table, partial, N, C, K2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -164,7 +169,7 @@ if triton is not None:
         mc = rc < C
         g = tl.load(grad + rn.to(tl.int64)[:, None] * C + rc[None, :], mask=mn[:, None] & mc[None, :], other=0.0)
         g = g.to(tl.float32)
-        for t in tl.static_range(K2):
+        for t in tl.range(0, K2):
             row = tl.load(table + t * N + rn, mask=mn, other=-1)
             v = tl.load(values + row.to(tl.int64)[:, None] * C + rc[None, :], mask=(row >= 0)[:, None] & mc[None, :],
                         other=0.0)
@@ -172,19 +177,19 @@ if triton is not None:
 
 
 def _gather_conv(values: Tensor, table: Tensor, taps: Tensor, bias: Tensor | None, flip: bool) -> Tensor:
-    """Triton launch: (N, C) sums over taps (C, k*k) of each site's neighbours in ``values`` (N, C)."""
+    """Triton launch: (N, C) sums over taps (k*k, C) of each site's neighbours in ``values`` (N, C)."""
     n, channels = values.shape
     out = torch.empty_like(values)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(channels, meta["BLOCK_C"]))  # noqa: E731
     _gather_conv_kernel[grid](
         values, table, taps, out if bias is None else bias, out, n, channels,
-        K2=taps.shape[1], FLIP=flip, HAS_BIAS=bias is not None,
+        K2=taps.shape[0], FLIP=flip, HAS_BIAS=bias is not None,
     )  # fmt: skip
     return out
 
 
 def _gather_wgrad(values: Tensor, grad_out: Tensor, table: Tensor, k2: int) -> Tensor:
-    """Triton launch: (C, k*k) float32 sum over sites of ``grad_out`` times each tap's neighbour value.
+    """Triton launch: (k*k, C) float32 sum over sites of ``grad_out`` times each tap's neighbour value.
 
     Each block of sites writes its own partial sums (no atomics, so the result is deterministic); one
     reduction adds them up.
@@ -193,12 +198,12 @@ def _gather_wgrad(values: Tensor, grad_out: Tensor, table: Tensor, k2: int) -> T
     partial = values.new_empty(triton.cdiv(n, WGRAD_BLOCK_N), k2, channels, dtype=torch.float32)
     grid = lambda meta: (partial.shape[0], triton.cdiv(channels, meta["BLOCK_C"]))  # noqa: E731
     _gather_wgrad_kernel[grid](values, grad_out, table, partial, n, channels, K2=k2)
-    return partial.sum(0).t().contiguous()
+    return partial.sum(0)
 
 
 @torch.library.custom_op("fcmae::sparse_depthwise_conv", mutates_args=(), device_types="cuda")
 def sparse_depthwise_conv_op(values: Tensor, table: Tensor, taps: Tensor, bias: Tensor | None) -> Tensor:
-    """Packed depthwise conv on CUDA; ``table`` from :func:`neighbour_table`; ``taps`` (C, k*k)."""
+    """Packed depthwise conv on CUDA; ``table`` from :func:`neighbour_table`; ``taps`` (k*k, C)."""
     return _gather_conv(values.contiguous(), table, taps.contiguous(), bias, flip=False)
 
 
@@ -211,14 +216,14 @@ def _(values, table, taps, bias):
 def sparse_depthwise_conv_backward_op(
     grad_out: Tensor, values: Tensor, table: Tensor, taps: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`sparse_depthwise_conv_op` for ``values`` (N, C) and ``taps`` (C, k*k).
+    """Gradients of :func:`sparse_depthwise_conv_op` for ``values`` (N, C) and ``taps`` (k*k, C).
 
     The neighbour relation is symmetric (tap t of site i is j exactly when tap k*k-1-t of j is i), so
     the input gradient is the same gathered conv of ``grad_out`` with the kernel flipped.
     """
     grad_out, taps = grad_out.contiguous(), taps.contiguous()
     grad_values = _gather_conv(grad_out, table, taps, None, flip=True)
-    grad_taps = _gather_wgrad(values.contiguous(), grad_out, table, taps.shape[1])
+    grad_taps = _gather_wgrad(values.contiguous(), grad_out, table, taps.shape[0])
     return grad_values, grad_taps.to(taps.dtype)
 
 
@@ -268,6 +273,6 @@ def sparse_depthwise_conv(
         return _grid_depthwise_conv(values, site_flat, weight, bias, shape)
     if torch.is_autocast_enabled(values.device.type):  # a custom op is invisible to autocast; cast as conv would
         values = values.to(torch.get_autocast_dtype(values.device.type))
-    taps = weight.flatten(1).to(values.dtype)  # (C, k*k), tap index ky * k + kx
+    taps = weight.flatten(1).t().to(values.dtype)  # (k*k, C), tap index ky * k + kx
     bias = None if bias is None else bias.to(values.dtype)
     return sparse_depthwise_conv_op(values, neighbours, taps, bias)

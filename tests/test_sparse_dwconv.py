@@ -62,6 +62,7 @@ taps = weight.detach().flatten(1)
 ref = dense_oracle(values, feats.flat_index, weight, bias, (b, h, w))
 probe = torch.randn_like(ref)
 ref_values, ref_weight = torch.autograd.grad((ref * probe).sum(), (values, weight))
+taps = taps.t().contiguous()  # (49, C)
 errors = []
 conv_configs, wgrad_configs = sd._gather_conv_kernel.configs, sd._gather_wgrad_kernel.configs
 for config in conv_configs:  # one config at a time: the interpreter cannot benchmark, so test them all
@@ -73,7 +74,7 @@ for config in conv_configs:  # one config at a time: the interpreter cannot benc
 for config in wgrad_configs:
     sd._gather_wgrad_kernel.configs = [config]
     out = sd._gather_wgrad(values.detach(), probe, table, 49)
-    errors.append((out - ref_weight.flatten(1)).abs().max() / ref_weight.abs().max())
+    errors.append((out - ref_weight.flatten(1).t()).abs().max() / ref_weight.abs().max())
 print(len(errors), max(e.item() for e in errors))
 """
 
