@@ -32,9 +32,9 @@ class ConvNeXtV2Block(nn.Module):
         self.mlp = GrnMlp(dim, 4 * dim)
         self.drop_prob = drop_path
 
-    def forward_pointwise(self, x: Tensor, grn_nx: Any = None) -> Tensor:
+    def forward_pointwise(self, x: Tensor, act_grn: Any = None) -> Tensor:
         """Everything after the depthwise conv but the residual: (..., C) -> (..., C)."""
-        return self.mlp(self.norm(x), grn_nx)
+        return self.mlp(self.norm(x), act_grn)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""

@@ -60,18 +60,16 @@ class GrnMlp(nn.Module):
         self.grn = GlobalResponseNorm(hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: Tensor, grn_nx: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, act_grn: Callable[[Tensor, GlobalResponseNorm], Tensor] | None = None) -> Tensor:
         """(..., C) -> (..., C).
 
         Args:
             x: channels-last features.
-            grn_nx: maps the GELU output (..., 4C) to the GRN response ``Nx`` broadcastable against
-                it; sparse backends pass one that reduces over visible sites only. None means the
-                dense per-sample reduction over dims (1, 2) of a (B, H, W, 4C) input.
+            act_grn: maps the ``fc1`` output (..., 4C) and this GRN module to GELU then GRN; sparse
+                backends pass one whose statistics cover visible sites only (see
+                ``sparse_ops.functional.gelu_then_grn``). None means ``act`` then the dense per-sample
+                GRN over dims (1, 2) of a (B, H, W, 4C) input.
         """
-        h = self.act(self.fc1(x))
-        if grn_nx is None:
-            h = self.grn(h)
-        else:
-            h = self.grn.apply_response(h, grn_nx(h))
+        h = self.fc1(x)
+        h = self.grn(self.act(h)) if act_grn is None else act_grn(h, self.grn)
         return self.fc2(h)

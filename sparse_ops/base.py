@@ -38,7 +38,7 @@ class BlockLike(Protocol):
     drop_prob: float
     training: bool
 
-    def forward_pointwise(self, x: Tensor, grn_nx: Any) -> Tensor: ...
+    def forward_pointwise(self, x: Tensor, act_grn: Any) -> Tensor: ...
 
 
 class SparseBackend(ABC):

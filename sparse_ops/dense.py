@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_ops.base import BlockLike, SparseBackend
-from sparse_ops.functional import drop_path_scale, grn_response
+from sparse_ops.functional import drop_path_scale, gelu_then_grn, grn_response
 
 
 @dataclass
@@ -48,19 +48,19 @@ class DenseMaskedBackend(SparseBackend):
         values = feats.x.permute(0, 2, 3, 1)[coords[:, 0], coords[:, 1], coords[:, 2]]
         return values, coords
 
-    def _grn_nx(self, keep_bhw1: Tensor):
+    def _act_grn(self, keep_bhw1: Tensor):
         dims = (1, 2) if self.grn_scope == "sample" else (0, 1, 2)
 
         def nx(y: Tensor) -> Tensor:
             gx = torch.linalg.vector_norm(y * keep_bhw1.to(y.dtype), ord=2, dim=dims, keepdim=True)
             return grn_response(gx)
 
-        return nx
+        return gelu_then_grn(nx)
 
     def block(self, block: BlockLike, feats: MaskedDense) -> MaskedDense:
         keep_bhw1 = feats.keep.permute(0, 2, 3, 1)
         y = block.conv_dw(feats.x).permute(0, 2, 3, 1)  # (B, H, W, C)
-        y = block.forward_pointwise(y, self._grn_nx(keep_bhw1))
+        y = block.forward_pointwise(y, self._act_grn(keep_bhw1))
         y = (y * keep_bhw1.to(y.dtype)).permute(0, 3, 1, 2)
         scale = drop_path_scale(y.shape[0], block.drop_prob, block.training, y)
         if scale is not None:

@@ -7,8 +7,10 @@ the other way round.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 LN_EPS = 1e-6
@@ -61,6 +63,23 @@ def segment_grn_nx(batch_index: Tensor, batch_size: int) -> Callable[[Tensor], T
         return grn_response(gx).to(y.dtype)[batch_index]
 
     return nx
+
+
+def gelu_then_grn(grn_nx: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Any], Tensor]:
+    """The MLP's activation and GRN as one function of the ``fc1`` output, with statistics from ``grn_nx``.
+
+    Args:
+        grn_nx: maps the GELU output (..., 4C) to the GRN response ``Nx`` broadcastable against it.
+
+    Returns:
+        A function of (``h`` (..., 4C), the GRN module) giving the GRN output (..., 4C).
+    """
+
+    def act_grn(h: Tensor, grn: Any) -> Tensor:
+        y = F.gelu(h)
+        return grn.apply_response(y, grn_nx(y))
+
+    return act_grn
 
 
 def batch_grn_nx(y: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from sparse_ops.base import BlockLike, SparseBackend
-from sparse_ops.functional import batch_grn_nx, drop_path_scale, segment_grn_nx
+from sparse_ops.functional import batch_grn_nx, drop_path_scale, gelu_then_grn, segment_grn_nx
 from sparse_ops.me_layout import conv_weight_to_me, depthwise_weight_to_me
 
 DIMENSION = 2
@@ -136,10 +136,10 @@ class MinkowskiBackend(SparseBackend):
         params = {"kernel": kernel, "bias": conv.bias[None]}
         return functional_call(layer, params, (self._as_dtype(feats, kernel.dtype),)).F
 
-    def _grn_nx(self, feats: MinkowskiSites):
+    def _act_grn(self, feats: MinkowskiSites):
         if self.grn_scope == "batch":
-            return batch_grn_nx
-        return segment_grn_nx(feats.batch_index, feats.shape[0])
+            return gelu_then_grn(batch_grn_nx)
+        return gelu_then_grn(segment_grn_nx(feats.batch_index, feats.shape[0]))
 
     @staticmethod
     def _as_dtype(feats: MinkowskiSites, dtype: torch.dtype) -> Any:
@@ -147,7 +147,7 @@ class MinkowskiBackend(SparseBackend):
         return feats.tensor if feats.tensor.F.dtype == dtype else feats.with_features(feats.tensor.F.to(dtype)).tensor
 
     def block(self, block: BlockLike, feats: MinkowskiSites) -> MinkowskiSites:
-        y = block.forward_pointwise(self._depthwise(block.conv_dw, feats), self._grn_nx(feats))
+        y = block.forward_pointwise(self._depthwise(block.conv_dw, feats), self._act_grn(feats))
         scale = drop_path_scale(feats.shape[0], block.drop_prob, block.training, y)
         if scale is not None:
             y = y * scale[feats.batch_index, None]

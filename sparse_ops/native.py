@@ -9,7 +9,8 @@ plain reduction.
 
 The 7x7 depthwise conv reads visible neighbours only (:mod:`sparse_ops.sparse_dwconv`: a Triton
 kernel on CUDA, scatter -> dense conv -> gather elsewhere); everything else (LayerNorm, Linear, GELU,
-GRN, residual, drop path) touches the N visible rows only.
+GRN, residual, drop path) touches the N visible rows only. With per-sample GRN statistics and equal
+counts, GELU + GRN run as fused Triton kernels on CUDA (:mod:`sparse_ops.gelu_grn`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_ops.base import BlockLike, SparseBackend
-from sparse_ops.functional import batch_grn_nx, drop_path_scale, grn_response, segment_grn_nx
+from sparse_ops.functional import batch_grn_nx, drop_path_scale, gelu_then_grn, segment_grn_nx
+from sparse_ops.gelu_grn import gelu_grn
 from sparse_ops.sparse_dwconv import kernel_available, neighbour_table, sparse_depthwise_conv
 
 DWCONV_SIZE = 7  # the blocks' depthwise conv
@@ -165,18 +167,18 @@ class NativeSparseBackend(SparseBackend):
         values, flat, table = feats.values, feats.flat_index, feats.neighbours
         return sparse_depthwise_conv(values, flat, table, conv.weight, conv.bias, feats.shape)
 
-    def _grn_nx(self, feats: PackedSites):
+    def _act_grn(self, feats: PackedSites):
         if self.grn_scope == "batch":
-            return batch_grn_nx
-        if feats.per_sample is not None:  # y is (B, n, C)
-            return lambda y: grn_response(torch.linalg.vector_norm(y, ord=2, dim=1, keepdim=True))
-        return segment_grn_nx(feats.batch_index, feats.batch_size)
+            return gelu_then_grn(batch_grn_nx)
+        if feats.per_sample is not None:  # h is (B, n, 4C): fused kernels on CUDA
+            return lambda h, grn: gelu_grn(h, grn.weight, grn.bias)
+        return gelu_then_grn(segment_grn_nx(feats.batch_index, feats.batch_size))
 
     def block(self, block: BlockLike, feats: PackedSites) -> PackedSites:
         y = self._depthwise(block.conv_dw, feats)
         if feats.per_sample is not None:
             y = y.view(feats.batch_size, feats.per_sample, -1)
-        y = block.forward_pointwise(y, self._grn_nx(feats))
+        y = block.forward_pointwise(y, self._act_grn(feats))
         scale = drop_path_scale(feats.batch_size, block.drop_prob, block.training, y)
         if scale is not None:
             y = y * (scale[:, None, None] if y.dim() == 3 else scale[feats.batch_index, None])
