@@ -48,7 +48,7 @@ if triton is not None:
         cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
         return h * cdf, cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
 
-    @triton.autotune(_configs([(64, 32, 4), (32, 64, 4), (16, 64, 2), (32, 128, 4)]), key=["n", "D", "WITH_GRAD"])
+    @triton.autotune(_configs([(32, 128, 4), (16, 256, 4), (64, 64, 4)]), key=["n", "D", "WITH_GRAD"])
     @triton.jit
     def _site_sums_kernel(
         h, grad, sums, grad_sums, n, D, WITH_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -99,7 +99,7 @@ if triton is not None:
         # a channel with |y| = 0 has y = 0 at every site, so its k never contributes
         tl.store(k + b * D + rd, tl.where(gx > 0, grad_gx / tl.where(gx > 0, gx, 1.0), 0.0), mask=md)
 
-    @triton.autotune(_configs([(32, 128, 4), (8, 512, 4), (32, 256, 8), (16, 256, 4)]), key=["n", "D", "BACKWARD"])
+    @triton.autotune(_configs([(16, 256, 4), (32, 128, 4), (8, 512, 4)]), key=["n", "D", "BACKWARD"])
     @triton.jit
     def _pointwise_kernel(
         h, grad, factor, shift, out, rows_total, n, D,

@@ -118,7 +118,7 @@ def neighbour_table(site_flat: Tensor, shape: tuple[int, int, int], kernel_size:
     return rows[centre[None, :] + offsets]
 
 
-WGRAD_BLOCK_N = 64  # sites per partial sum of the weight gradient (fixed: it sizes the partials buffer)
+WGRAD_BLOCK_N = 256  # sites per partial sum of the weight gradient (fixed: it sizes the partials buffer)
 
 
 def _configs(shapes: list[tuple[int, int, int, int]]) -> list:
@@ -129,10 +129,8 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list:
 # instead of several seconds per configuration.
 if triton is not None:
 
-    # Tile shapes: the fastest of a sweep on an H100 over base's stages at batch 128; one-warp programs win
-    # where the tap loop is bound by gather latency rather than bandwidth.
     @triton.autotune(
-        _configs([(32, 128, 4, 3), (16, 64, 1, 3), (32, 64, 2, 3), (64, 64, 4, 3)]),
+        _configs([(64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 2), (64, 128, 8, 3)]),
         key=["N", "C"],
     )
     @triton.jit
@@ -157,7 +155,7 @@ if triton is not None:
                  mask=mn[:, None] & mc[None, :])
 
     @triton.autotune(
-        _configs([(WGRAD_BLOCK_N, 32, 1, 3), (WGRAD_BLOCK_N, 64, 1, 3), (WGRAD_BLOCK_N, 64, 2, 3)]),
+        _configs([(WGRAD_BLOCK_N, 32, 4, 3), (WGRAD_BLOCK_N, 32, 8, 3), (WGRAD_BLOCK_N, 64, 8, 3)]),
         key=["N", "C"],
     )
     @triton.jit
