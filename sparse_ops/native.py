@@ -15,7 +15,6 @@ counts, GELU + GRN run as fused Triton kernels on CUDA (:mod:`sparse_ops.gelu_gr
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,34 +29,22 @@ from sparse_ops.sparse_dwconv import kernel_available, neighbour_table, sparse_d
 DWCONV_SIZE = 7  # the blocks' depthwise conv
 
 
-@functools.cache
-def morton_offsets(side: int) -> tuple[tuple[int, int], ...]:
-    """(row, col) offsets of a ``side`` x ``side`` square in Morton order (``side`` a power of 2).
+def morton_offsets(side: int, device: torch.device | str | None = None) -> Tensor:
+    """(row, col) offsets of a ``side`` x ``side`` square in Morton (Z) order (``side`` a power of 2).
 
     Consecutive groups of four are the 2x2 windows, ordered (0,0), (0,1), (1,0), (1,1); the groups
-    themselves are in Morton order of the half-resolution square.
+    themselves are in Morton order of the half-resolution square. Made on ``device`` by de-interleaving
+    the bits of the Morton index: no host-to-device copy, so it traces into a compiled step.
+
+    Returns:
+        (side * side, 2) long.
     """
-    if side == 1:
-        return ((0, 0),)
-    return tuple(
-        (2 * cy + dy, 2 * cx + dx)
-        for cy, cx in morton_offsets(side // 2)
-        for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))
-    )
-
-
-_OFFSETS: dict[tuple[int, torch.device], Tensor] = {}
-
-
-def _offsets_on(side: int, device: torch.device) -> Tensor:
-    """:func:`morton_offsets` as a (side*side, 2) long tensor on ``device``, made once per device.
-
-    Cached because a host-to-device copy per stage and step would synchronise the stream.
-    """
-    key = (side, torch.device(device))
-    if key not in _OFFSETS:
-        _OFFSETS[key] = torch.tensor(morton_offsets(side), device=device)
-    return _OFFSETS[key]
+    index = torch.arange(side * side, device=device)
+    rows, cols = torch.zeros_like(index), torch.zeros_like(index)
+    for bit in range(side.bit_length() - 1):
+        cols |= ((index >> (2 * bit)) & 1) << bit
+        rows |= ((index >> (2 * bit + 1)) & 1) << bit
+    return torch.stack((rows, cols), dim=1)
 
 
 @dataclass
@@ -92,7 +79,7 @@ class PackedSites:
 
 def _site_indices(patches: Tensor, side: int, height: int, width: int) -> tuple[Tensor, Tensor]:
     """Flat grid index and sample index of every site of the visible patches, in packing order."""
-    offsets = _offsets_on(side, patches.device)  # (side*side, 2)
+    offsets = morton_offsets(side, patches.device)  # (side*side, 2)
     b, py, px = patches[:, 0:1], patches[:, 1:2], patches[:, 2:3]
     rows = py * side + offsets[:, 0]  # (P, side*side)
     cols = px * side + offsets[:, 1]
@@ -100,7 +87,6 @@ def _site_indices(patches: Tensor, side: int, height: int, width: int) -> tuple[
     return flat.reshape(-1), b.expand_as(flat).reshape(-1)
 
 
-@torch.compiler.disable
 def _site_tables(
     patches: Tensor, side: int, shape: tuple[int, int, int], values: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -110,24 +96,29 @@ def _site_tables(
     return flat, batch_index, neighbours
 
 
-@torch.compiler.disable
 def _visible_patches(mask: Tensor, visible_per_sample: int | None) -> tuple[Tensor, int | None]:
     """(P, 3) sorted (batch, row, col) of visible patches, and the per-sample count if uniform.
 
-    Without a count hint this costs one host sync (counting); with it, none.
+    With a count hint this is a fixed-shape computation that compiles into the step's graph; without
+    one it counts on the host (one sync, outside the graph).
     """
+    if visible_per_sample is None:
+        return _visible_patches_counted(mask)
     batch, _, width = mask.shape
-    flat = mask.flatten(1)
-    low = visible_per_sample
-    if low is None:
-        counts = (~flat).sum(1)
-        low, high = torch.stack((counts.min(), counts.max())).tolist()
-        if low != high:
-            return (~mask).nonzero(), None
-    ids = torch.argsort(flat.to(torch.int32), dim=1, stable=True)[:, :low]  # visible ids, ascending
-    rows = torch.arange(batch, device=mask.device).repeat_interleave(low)
+    ids = torch.argsort(mask.flatten(1).to(torch.int32), dim=1, stable=True)[:, :visible_per_sample]  # ascending
+    rows = torch.arange(batch, device=mask.device).repeat_interleave(visible_per_sample)
     ids = ids.reshape(-1)
-    return torch.stack((rows, ids // width, ids % width), dim=1), low
+    return torch.stack((rows, ids // width, ids % width), dim=1), visible_per_sample
+
+
+@torch.compiler.disable
+def _visible_patches_counted(mask: Tensor) -> tuple[Tensor, int | None]:
+    """:func:`_visible_patches` without a hint: counts visible patches per sample on the host."""
+    counts = (~mask.flatten(1)).sum(1)
+    low, high = torch.stack((counts.min(), counts.max())).tolist()
+    if low != high:
+        return (~mask).nonzero(), None
+    return _visible_patches(mask, low)
 
 
 def _scatter_dense(feats: PackedSites, values: Tensor) -> Tensor:

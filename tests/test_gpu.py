@@ -114,10 +114,21 @@ def test_depthwise_custom_ops_pass_opcheck(dtype):
     mask = random_mask(b, (2, 2), 0.5, device="cuda")
     feats = NativeSparseBackend().sparsify(torch.randn(b, c, h, w, device="cuda"), mask)
     values = feats.values.to(dtype).requires_grad_()
-    taps = torch.randn(c, 49, device="cuda", dtype=dtype, requires_grad=True)
+    taps = torch.randn(49, c, device="cuda", dtype=dtype, requires_grad=True)  # (k*k, C)
     bias = torch.randn(c, device="cuda", dtype=dtype, requires_grad=True)
     table = neighbour_table(feats.flat_index, (b, h, w), 7)
     torch.library.opcheck(torch.ops.fcmae.sparse_depthwise_conv.default, (values, table, taps, bias))
     grad = torch.randn_like(values)
     torch.library.opcheck(torch.ops.fcmae.sparse_depthwise_conv_backward.default,
                           (grad, values.detach(), table, taps.detach()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_grn_custom_ops_pass_opcheck(dtype):
+    """The fused GELU + GRN ops: fake kernels match the real ones, autograd is registered."""
+    from sparse_ops.gelu_grn import gelu_grn_op
+
+    h = torch.randn(3, 37, 96, device="cuda", dtype=dtype, requires_grad=True)
+    weight = torch.randn(96, device="cuda", requires_grad=True)
+    bias = torch.randn(96, device="cuda", requires_grad=True)
+    torch.library.opcheck(gelu_grn_op, (h, weight, bias))
