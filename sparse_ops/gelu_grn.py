@@ -76,28 +76,29 @@ if triton is not None:
             tl.store(grad_sums + b * D + rd, tl.sum(acc_grad, axis=0), mask=md)
 
     @triton.jit
-    def _response_kernel(sumsq, weight, nx, factor, D, eps, BLOCK_D: tl.constexpr):
-        """One sample: Nx = |y| / (mean |y| + eps) over channels, factor = 1 + weight * Nx."""
-        b = tl.program_id(0)
+    def _sample_norms(sumsq, weight, D, eps, BLOCK_D: tl.constexpr):
+        """This program's sample: offsets and mask of its (D,) row, |y| per channel, weight, mean |y| + eps."""
         rd = tl.arange(0, BLOCK_D)
         md = rd < D
-        gx = tl.sqrt(tl.load(sumsq + b * D + rd, mask=md, other=0.0))
-        response = gx / (tl.sum(gx, axis=0) / D + eps)
-        tl.store(nx + b * D + rd, response, mask=md)
-        tl.store(factor + b * D + rd, 1.0 + tl.load(weight + rd, mask=md, other=0.0) * response, mask=md)
+        row = tl.program_id(0) * D + rd
+        gx = tl.sqrt(tl.load(sumsq + row, mask=md, other=0.0))
+        return row, md, gx, tl.load(weight + rd, mask=md, other=0.0), tl.sum(gx, axis=0) / D + eps
+
+    @triton.jit
+    def _response_kernel(sumsq, weight, nx, factor, D, eps, BLOCK_D: tl.constexpr):
+        """One sample: Nx = |y| / (mean |y| + eps) over channels, factor = 1 + weight * Nx."""
+        row, md, gx, w, denom = _sample_norms(sumsq, weight, D, eps, BLOCK_D)
+        tl.store(nx + row, gx / denom, mask=md)
+        tl.store(factor + row, 1.0 + w * (gx / denom), mask=md)
 
     @triton.jit
     def _norm_grad_kernel(grad_y_sums, sumsq, weight, k, D, eps, BLOCK_D: tl.constexpr):
         """One sample: k = dL/d|y| / |y| per channel, so the statistics add ``y * k`` to dL/dy."""
-        b = tl.program_id(0)
-        rd = tl.arange(0, BLOCK_D)
-        md = rd < D
-        gx = tl.sqrt(tl.load(sumsq + b * D + rd, mask=md, other=0.0))
-        denom = tl.sum(gx, axis=0) / D + eps
-        grad_nx = tl.load(weight + rd, mask=md, other=0.0) * tl.load(grad_y_sums + b * D + rd, mask=md, other=0.0)
+        row, md, gx, w, denom = _sample_norms(sumsq, weight, D, eps, BLOCK_D)
+        grad_nx = w * tl.load(grad_y_sums + row, mask=md, other=0.0)
         grad_gx = grad_nx / denom - tl.sum(grad_nx * gx, axis=0) / (denom * denom * D)
         # a channel with |y| = 0 has y = 0 at every site, so its k never contributes
-        tl.store(k + b * D + rd, tl.where(gx > 0, grad_gx / tl.where(gx > 0, gx, 1.0), 0.0), mask=md)
+        tl.store(k + row, tl.where(gx > 0, grad_gx / tl.where(gx > 0, gx, 1.0), 0.0), mask=md)
 
     @triton.autotune(_configs([(16, 256, 4), (32, 128, 4), (8, 512, 4)]), key=["n", "D", "BACKWARD"])
     @triton.jit

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 
@@ -18,3 +23,20 @@ def perturb_parameters(module: torch.nn.Module, scale: float = 0.1) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * scale)
+
+
+def run_in_triton_interpreter(script: str) -> tuple[int, float]:
+    """Run ``script`` with ``TRITON_INTERPRET=1`` (Triton kernels on the CPU) in a fresh process.
+
+    The script ends by printing how many errors it checked and the worst one.
+
+    Returns:
+        (count, worst) from the script's last line.
+    """
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, worst = done.stdout.split()[-2:]
+    return int(count), float(worst)

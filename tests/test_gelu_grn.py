@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from sparse_ops.gelu_grn import gelu_grn, gelu_grn_reference
-from tests.helpers import relative_error
+from tests.helpers import relative_error, run_in_triton_interpreter
 
 
 def test_cpu_path_is_the_reference():
@@ -62,11 +57,6 @@ def test_triton_kernels_match_reference_in_interpreter():
     pytest.importorskip("triton")
     from sparse_ops import gelu_grn as gg
 
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    count, worst = done.stdout.split()[-2:]
-    assert int(count) == 2 * 4 * len(gg._site_sums_kernel.configs)
-    assert float(worst) < 1e-5
+    count, worst = run_in_triton_interpreter(_INTERPRETED_CHECK)
+    assert count == 2 * 4 * len(gg._site_sums_kernel.configs)
+    assert worst < 1e-5

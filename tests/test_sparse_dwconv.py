@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +9,7 @@ import torch.nn.functional as F
 from fcmae import random_mask
 from sparse_ops.native import NativeSparseBackend
 from sparse_ops.sparse_dwconv import sparse_depthwise_conv
-from tests.helpers import relative_error
+from tests.helpers import relative_error, run_in_triton_interpreter
 
 
 def dense_oracle(values, site_flat, weight, bias, shape):
@@ -84,11 +79,6 @@ def test_triton_kernels_match_oracle_in_interpreter():
     interpreter so CI checks it without a GPU."""
     pytest.importorskip("triton")
     from sparse_ops import sparse_dwconv as sd
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    count, worst = done.stdout.split()[-2:]
-    assert int(count) == 2 * len(sd._gather_conv_kernel.configs) + len(sd._gather_wgrad_kernel.configs)
-    assert float(worst) < 1e-6
+    count, worst = run_in_triton_interpreter(_INTERPRETED_CHECK)
+    assert count == 2 * len(sd._gather_conv_kernel.configs) + len(sd._gather_wgrad_kernel.configs)
+    assert worst < 1e-6
