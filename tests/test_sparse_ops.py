@@ -172,3 +172,23 @@ def test_morton_order_groups_2x2_windows():
         y0, x0 = window[0]
         assert window == ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1))
         assert [y0 // 2, x0 // 2] == morton_offsets(4)[g].tolist()
+
+
+def test_site_tables_compile_with_dynamic_shapes():
+    """The visible patches, site indices and neighbour table trace into a compiled step (no graph break on
+    CUDA) and stay exact when batch and grid sizes change."""
+    from sparse_ops import native
+    from sparse_ops.sparse_dwconv import neighbour_table
+
+    def tables(mask, visible, side, shape):
+        patches, _ = native._visible_patches(mask, visible)
+        flat, batch_index = native._site_indices(patches, side, shape[1], shape[2])
+        return flat, batch_index, neighbour_table(flat, shape, 7)
+
+    compiled = torch.compile(tables, dynamic=True, fullgraph=True)
+    for b, gh, gw in ((2, 2, 2), (3, 2, 3)):
+        mask = random_mask(b, (gh, gw), 0.5)
+        for side in (8, 2):
+            args = (mask, gh * gw // 2, side, (b, gh * side, gw * side))
+            for got, want in zip(compiled(*args), tables(*args), strict=True):
+                assert torch.equal(got, want)
