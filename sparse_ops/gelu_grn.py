@@ -92,9 +92,11 @@ if triton is not None:
         tl.store(factor + row, 1.0 + w * (gx / denom), mask=md)
 
     @triton.jit
-    def _norm_grad_kernel(grad_y_sums, sumsq, weight, k, D, eps, BLOCK_D: tl.constexpr):
-        """One sample: k = dL/d|y| / |y| per channel, so the statistics add ``y * k`` to dL/dy."""
+    def _norm_grad_kernel(grad_y_sums, sumsq, weight, k, factor, D, eps, BLOCK_D: tl.constexpr):
+        """One sample: k = dL/d|y| / |y| per channel, so the statistics add ``y * k`` to dL/dy; and the
+        forward's factor 1 + weight * Nx again, rather than keeping it."""
         row, md, gx, w, denom = _sample_norms(sumsq, weight, D, eps, BLOCK_D)
+        tl.store(factor + row, 1.0 + w * (gx / denom), mask=md)
         grad_nx = w * tl.load(grad_y_sums + row, mask=md, other=0.0)
         grad_gx = grad_nx / denom - tl.sum(grad_nx * gx, axis=0) / (denom * denom * D)
         # a channel with |y| = 0 has y = 0 at every site, so its k never contributes
@@ -168,9 +170,9 @@ def _fused_backward(
     batch, _, dim = h.shape
     weight = weight.float().contiguous()
     grad_y_sums, grad_sums = _site_sums(h, grad)
-    k = torch.empty_like(sumsq)
-    _per_sample_launch(_norm_grad_kernel, batch, dim, grad_y_sums, sumsq, weight, k)
-    grad_h = _pointwise(h, grad, 1 + weight * nx, k)
+    k, factor = torch.empty_like(sumsq), torch.empty_like(sumsq)
+    _per_sample_launch(_norm_grad_kernel, batch, dim, grad_y_sums, sumsq, weight, k, factor)
+    grad_h = _pointwise(h, grad, factor, k)
     return grad_h, (grad_y_sums * nx).sum(0), grad_sums.sum(0)
 
 
