@@ -8,7 +8,8 @@ FCMAE's random masks) the values are also viewed as (B, n, C) so per-sample GRN 
 plain reduction.
 
 The 7x7 depthwise conv reads visible neighbours only (:mod:`sparse_ops.sparse_dwconv`: a Triton
-kernel on CUDA, scatter -> dense conv -> gather elsewhere); everything else (LayerNorm, Linear, GELU,
+kernel on CUDA, scatter -> dense conv -> gather elsewhere, with a weight gradient over visible sites on
+the CPU); everything else (LayerNorm, Linear, GELU,
 GRN, residual, drop path) touches the N visible rows only. With per-sample GRN statistics and equal
 counts, GELU + GRN run as fused Triton kernels on CUDA (:mod:`sparse_ops.gelu_grn`).
 """
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from sparse_ops.base import BlockLike, SparseBackend
 from sparse_ops.functional import batch_grn_nx, drop_path_scale, gelu_then_grn, segment_grn_nx
 from sparse_ops.gelu_grn import gelu_grn
-from sparse_ops.sparse_dwconv import kernel_available, neighbour_table, sparse_depthwise_conv
+from sparse_ops.sparse_dwconv import neighbour_table, sparse_depthwise_conv, uses_neighbour_table
 
 DWCONV_SIZE = 7  # the blocks' depthwise conv
 
@@ -59,8 +60,8 @@ class PackedSites:
         flat_index: (N,) long index of every site into the flattened (B * H * W) grid.
         batch_index: (N,) long sample of every site.
         per_sample: sites per sample when all samples have the same number, else None.
-        neighbours: (49, N) int32 row of every site's neighbour under each 7x7 tap (-1: none), when
-            the CUDA kernel runs the depthwise conv, else None.
+        neighbours: (49, N) int32 row of every site's neighbour under each 7x7 tap (-1: none), where
+            the depthwise conv reads it (the CUDA kernel; the CPU weight gradient), else None.
     """
 
     values: Tensor
@@ -90,9 +91,9 @@ def _site_indices(patches: Tensor, side: int, height: int, width: int) -> tuple[
 def _site_tables(
     patches: Tensor, side: int, shape: tuple[int, int, int], values: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Flat index, sample index and (for the CUDA kernel) the neighbour table of every site."""
+    """Flat index, sample index and (where the depthwise conv reads one) the neighbour table of every site."""
     flat, batch_index = _site_indices(patches, side, shape[1], shape[2])
-    neighbours = neighbour_table(flat, shape, DWCONV_SIZE) if kernel_available(values) else None
+    neighbours = neighbour_table(flat, shape, DWCONV_SIZE) if uses_neighbour_table(values) else None
     return flat, batch_index, neighbours
 
 

@@ -9,11 +9,17 @@ through a neighbour table (:func:`neighbour_table`, built once per resolution an
 block of a stage), so no dense or padded grid is ever written: the forward and the input gradient
 (the same kernel with the taps flipped) cost 0.39 of the dense work at FCMAE's 60% masking, and the
 weight gradient is a reduction over visible sites only. Elsewhere the pure PyTorch path scatters into
-a zero grid, runs ``F.conv2d`` and gathers back. The CUDA path is a torch custom op so
-``torch.compile`` keeps it as one opaque node (and CUDA graphs can capture it).
+a zero grid, runs ``F.conv2d`` and gathers back. On the CPU its weight gradient is instead the same
+reduction over visible sites (:func:`tap_weight_grad`), compiled by inductor into one fused loop: oneDNN's
+depthwise weight gradient over the whole grid cost 8-15x its forward conv and was the largest part of a
+CPU training step. The CUDA path is a torch custom op so ``torch.compile`` keeps it as one opaque node (and
+CUDA graphs can capture it).
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +35,11 @@ except ImportError:  # CPU-only installs
 def kernel_available(values: Tensor) -> bool:
     """True when the Triton kernel serves ``values`` (CUDA with Triton installed)."""
     return values.is_cuda and triton is not None
+
+
+def uses_neighbour_table(values: Tensor) -> bool:
+    """True when the conv of ``values`` reads a :func:`neighbour_table` (the Triton kernel; the CPU weight gradient)."""
+    return kernel_available(values) or values.device.type == "cpu"
 
 
 def padded_site_index(site_flat: Tensor, shape: tuple[int, int, int], pad: int) -> Tensor:
@@ -51,49 +62,98 @@ def _at_sites(grid: Tensor, site_flat: Tensor) -> Tensor:
     return grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]).index_select(0, site_flat)
 
 
+def tap_weight_grad(grad_out: Tensor, values: Tensor, table: Tensor) -> Tensor:
+    """Depthwise weight gradient at visible sites: (k*k, C) float32.
+
+    Entry (t, c) sums ``grad_out[n, c] * values[m, c]`` over sites n whose tap-t neighbour is site m
+    (``table[t, n] == m``; -1 adds nothing). Eager, this materialises a (k*k, N, C) tensor; compiled
+    (:func:`_compiled_tap_weight_grad`) it is one loop that reads each neighbour row where it is used.
+
+    Args:
+        grad_out: (N, C) gradient of the conv output.
+        values: (N, C) conv input.
+        table: (k*k, N) int32 from :func:`neighbour_table`.
+    """
+    neighbours = values[table.clamp(min=0).long()].float()  # (k*k, N, C)
+    neighbours = torch.where((table >= 0)[..., None], neighbours, 0.0)
+    return (neighbours * grad_out.float()[None]).sum(1)
+
+
+@functools.cache
+def _compiled_tap_weight_grad():
+    """:func:`tap_weight_grad` compiled for any N and C, or None where inductor cannot build CPU code here."""
+    compiled = torch.compile(tap_weight_grad, dynamic=True)
+    try:  # compiles the general-shape graph once; a missing C++ compiler fails here, not mid-training
+        compiled(torch.ones(4, 2), torch.ones(4, 2), torch.full((49, 4), -1, dtype=torch.int32))
+    except Exception as err:  # noqa: BLE001 - inductor raises several types for a broken toolchain
+        warnings.warn(
+            f"cannot compile the CPU depthwise weight gradient ({type(err).__name__}: {err}); "
+            "falling back to the slower dense-grid weight gradient",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return compiled
+
+
 class _GridDepthwiseConv(torch.autograd.Function):
     """Scatter -> dense depthwise conv -> gather, with a backward that skips dense work it can.
 
     The input gradient is only needed at visible sites: it is a forward conv of the scattered output
-    gradient with the flipped kernel (several times cheaper than the fused conv backward on CPU);
-    the weight gradient is the conv backward's weight part alone. The grid is rebuilt in backward
-    rather than kept, so no dense activation is stored.
+    gradient with the flipped kernel (several times cheaper than the fused conv backward on CPU).
+    The weight gradient is :func:`tap_weight_grad` over visible sites when a neighbour table is given
+    (the CPU), else the conv backward's weight part on the grid. The grid is rebuilt in backward rather
+    than kept, so no dense activation is stored.
     """
 
     @staticmethod
-    def forward(ctx, values, site_flat, weight, bias, shape):
-        ctx.save_for_backward(values, site_flat, weight)
+    def forward(ctx, values, site_flat, table, weight, bias, shape):
+        ctx.save_for_backward(values, site_flat, table, weight)
         ctx.shape, ctx.has_bias = shape, bias is not None
         grid = _grid(values, site_flat, shape)
         return _at_sites(F.conv2d(grid, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0]), site_flat)
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, site_flat, weight = ctx.saved_tensors
+        values, site_flat, table, weight = ctx.saved_tensors
         channels, pad = weight.shape[0], weight.shape[-1] // 2
         grad = _grid(grad_out, site_flat, ctx.shape)
         grad_values = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_values = _at_sites(F.conv2d(grad, weight.flip(2, 3), padding=pad, groups=channels), site_flat)
-        if ctx.needs_input_grad[2]:
-            grad_weight = torch.ops.aten.convolution_backward(
-                grad, _grid(values, site_flat, ctx.shape), weight, None,
-                [1, 1], [pad, pad], [1, 1], False, [0, 0], channels, [False, True, False],
-            )[1]  # fmt: skip
-            grad_weight = weight.new_empty(weight.shape).copy_(grad_weight)  # plain strides, as DDP's buckets want
-        if ctx.has_bias and ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[3]:
+            grad_weight = _grid_weight_grad(grad_out, grad, values, site_flat, table, weight, ctx.shape)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_bias = grad_out.sum(0)
-        return grad_values, None, grad_weight, grad_bias, None
+        return grad_values, None, None, grad_weight, grad_bias, None
+
+
+def _grid_weight_grad(grad_out, grad_grid, values, site_flat, table, weight, shape) -> Tensor:
+    """(C, 1, k, k) weight gradient with plain strides (as DDP's buckets want)."""
+    tap_grad = _compiled_tap_weight_grad() if table is not None else None
+    if tap_grad is not None:
+        return tap_grad(grad_out, values, table).t().contiguous().view(weight.shape).to(weight.dtype)
+    pad = weight.shape[-1] // 2
+    grad_weight = torch.ops.aten.convolution_backward(
+        grad_grid, _grid(values, site_flat, shape), weight, None,
+        [1, 1], [pad, pad], [1, 1], False, [0, 0], weight.shape[0], [False, True, False],
+    )[1]  # fmt: skip
+    return weight.new_empty(weight.shape).copy_(grad_weight)
 
 
 # Inductor cannot order the strides of this path's symbolically sized zero grid (torch 2.14, CPU); kept eager.
 @torch.compiler.disable
 def _grid_depthwise_conv(
-    values: Tensor, site_flat: Tensor, weight: Tensor, bias: Tensor | None, shape: tuple[int, int, int]
+    values: Tensor,
+    site_flat: Tensor,
+    table: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    shape: tuple[int, int, int],
 ) -> Tensor:
     """Portable path: weight (C, 1, k, k) and bias (C,) cast to the values' dtype."""
     bias = None if bias is None else bias.to(values.dtype)
-    return _GridDepthwiseConv.apply(values, site_flat, weight.to(values.dtype), bias, shape)
+    return _GridDepthwiseConv.apply(values, site_flat, table, weight.to(values.dtype), bias, shape)
 
 
 def neighbour_table(site_flat: Tensor, shape: tuple[int, int, int], kernel_size: int) -> Tensor:
@@ -261,7 +321,7 @@ def sparse_depthwise_conv(
     Args:
         values: (N, C) visible features.
         site_flat: (N,) long flat index of every site into the (B, H, W) grid.
-        neighbours: (k*k, N) int32 from :func:`neighbour_table`, or None for the PyTorch path.
+        neighbours: (k*k, N) int32 from :func:`neighbour_table` (where :func:`uses_neighbour_table`), or None.
         weight: (C, 1, k, k) depthwise conv weight, k odd; zero padding k // 2.
         bias: (C,) or None.
         shape: (B, H, W).
@@ -270,7 +330,7 @@ def sparse_depthwise_conv(
         (N, C) conv output at the visible sites.
     """
     if neighbours is None or not kernel_available(values):
-        return _grid_depthwise_conv(values, site_flat, weight, bias, shape)
+        return _grid_depthwise_conv(values, site_flat, neighbours, weight, bias, shape)
     if torch.is_autocast_enabled(values.device.type):  # a custom op is invisible to autocast; cast as conv would
         values = values.to(torch.get_autocast_dtype(values.device.type))
     taps = weight.flatten(1).t().to(values.dtype)  # (k*k, C), tap index ky * k + kx
