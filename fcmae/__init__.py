@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fcmae.loss import masked_mse, normalize_patches, patchify, unpatchify
-from fcmae.masking import as_grid_mask, num_visible, random_mask
+from fcmae.loss import normalize_patches, patch_mse, patchify, unpatchify
+from fcmae.masking import as_grid_mask, masked_rows, num_visible, random_mask
 from fcmae.model import FCMAE, FCMAEOutput
 from models import create_model
 from models.checkpoint import load_pretrained
@@ -19,9 +19,10 @@ __all__ = [
     "__version__",
     "as_grid_mask",
     "create_fcmae",
-    "masked_mse",
+    "masked_rows",
     "normalize_patches",
     "num_visible",
+    "patch_mse",
     "patchify",
     "random_mask",
     "unpatchify",

@@ -31,17 +31,15 @@ def normalize_patches(target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (target - mean) / std, mean, std
 
 
-def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Mean over masked patches of the per-patch MSE.
+def patch_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean over patches of the per-patch MSE.
 
     Args:
-        pred: (B, L, D).
-        target: (B, L, D).
-        mask: (B, L) bool, True = masked; visible patches get no loss.
+        pred: (R, D) predictions of R patches (FCMAE predicts its masked patches only).
+        target: (R, D) their targets.
 
     Returns:
-        Scalar; 0 when nothing is masked.
+        Scalar, float32; 0 when there are no patches.
     """
     per_patch = (pred.float() - target.float()).square().mean(dim=-1)
-    weights = mask.to(per_patch.dtype)
-    return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
+    return per_patch.sum() / max(per_patch.shape[0], 1)

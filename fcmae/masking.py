@@ -70,3 +70,21 @@ def as_grid_mask(mask: Tensor, batch_size: int, grid: tuple[int, int]) -> Tensor
             raise ValueError("a numeric mask must hold only 0 (visible) and 1 (masked)")
         mask = mask.bool()
     return mask.reshape(batch_size, h, w)
+
+
+def masked_rows(mask: Tensor, masked_per_sample: int | None = None) -> Tensor:
+    """Flat indices into B*L of the masked patches of a (B, L) bool mask, ascending: ``mask.flatten().nonzero()``.
+
+    Args:
+        mask: (B, L) bool, True = masked.
+        masked_per_sample: the caller's promise that every sample masks exactly this many patches
+            (true of :func:`random_mask`); gives a fixed-shape computation with no host sync.
+
+    Returns:
+        (R,) long.
+    """
+    if masked_per_sample is None:
+        return mask.flatten().nonzero().squeeze(1)
+    batch, length = mask.shape
+    first = torch.argsort(mask.to(torch.int32), dim=1, descending=True, stable=True)[:, :masked_per_sample]
+    return (first + torch.arange(batch, device=mask.device)[:, None] * length).flatten()

@@ -1,7 +1,8 @@
 """FCMAE: fully convolutional masked autoencoder for ConvNeXt V2 (Woo et al., arXiv 2301.00808).
 
 The encoder sees only visible patches through its sparse backend; a light dense decoder fills masked
-positions with a learned token and predicts their pixels; the loss covers masked patches only.
+positions with a learned token and predicts their pixels; the loss covers masked patches only, so the
+decoder's per-position tail (its last ``fc2``, the 512 -> p*p*C prediction) runs at masked patches only.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from fcmae.loss import masked_mse, normalize_patches, patchify
-from fcmae.masking import as_grid_mask, num_visible, random_mask
+from fcmae.loss import normalize_patches, patch_mse, patchify
+from fcmae.masking import as_grid_mask, masked_rows, num_visible, random_mask
 from models import TOTAL_STRIDE, ConvNeXtV2, ConvNeXtV2Block
 from models.convnextv2 import check_input_size
 
 
 class FCMAEOutput(NamedTuple):
-    """``loss`` scalar; ``pred`` (B, L, p*p*C) in patch order; ``mask`` (B, L) bool, True = masked."""
+    """``loss`` scalar; ``pred`` (R, p*p*C), the R masked patches in ``mask`` order; ``mask`` (B, L) bool.
+
+    ``mask`` is True = masked. Row i of ``pred`` is the i-th True entry of ``mask`` (row-major), so
+    ``full[mask] = pred`` places the predictions in a (B, L, p*p*C) tensor.
+    """
 
     loss: Tensor
     pred: Tensor
@@ -100,23 +105,36 @@ class FCMAE(nn.Module):
         mask = as_grid_mask(mask, imgs.shape[0], self.grid(imgs))
         return self.sparse_backend.packed(self.encoder.forward_masked(imgs, mask))
 
-    def forward_decoder(self, latent: Tensor, mask: Tensor) -> Tensor:
-        """(B, C_last, h, w) latent and (B, h, w) mask -> (B, L, p*p*C) predictions."""
+    def forward_decoder(self, latent: Tensor, mask: Tensor, rows: Tensor) -> Tensor:
+        """Predictions of some patches.
+
+        Args:
+            latent: (B, C_last, h, w) encoder output.
+            mask: (B, h, w) bool, True = masked (those positions get the mask token).
+            rows: (R,) flat indices into B*h*w of the patches to predict; every position still feeds
+                the decoder's depthwise convs and GRN statistics.
+
+        Returns:
+            (R, p*p*C).
+        """
         # The 1x1 convs run as matmuls on channels-last rows (much faster than 1x1 convs on CPU).
         x = F.linear(latent.permute(0, 2, 3, 1), self.proj.weight.flatten(1), self.proj.bias)
         m = mask[..., None].to(x.dtype)
         x = x * (1 - m) + self.mask_token.view(1, 1, 1, -1).to(x.dtype) * m
         # contiguous: inductor cannot order the strides of the permuted view under dynamic shapes
-        x = self.decoder(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
-        x = F.linear(x, self.pred.weight.flatten(1), self.pred.bias)  # (B, h, w, p*p*C)
-        return x.flatten(1, 2)
+        x = x.permute(0, 3, 1, 2).contiguous()
+        if len(self.decoder) == 0:
+            x = x.permute(0, 2, 3, 1).flatten(0, 2)[rows]
+        else:
+            x = self.decoder[-1].forward_rows(self.decoder[:-1](x), rows)  # (R, E)
+        return F.linear(x, self.pred.weight.flatten(1), self.pred.bias)
 
-    def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        """MSE on masked patches of (B, C, H, W) ``imgs`` against (B, L, D) ``pred``; mask (B, L)."""
-        target = patchify(imgs, self.patch_size)
-        if self.norm_pix_loss:
+    def forward_loss(self, imgs: Tensor, pred: Tensor, rows: Tensor) -> Tensor:
+        """MSE of (R, D) ``pred`` against the patches ``rows`` (flat indices into B*L) of (B, C, H, W) ``imgs``."""
+        target = patchify(imgs, self.patch_size).flatten(0, 1)[rows]
+        if self.norm_pix_loss and len(rows):  # nothing masked: no patch to normalise (var would warn)
             target, _, _ = normalize_patches(target.float())
-        return masked_mse(pred, target, mask)
+        return patch_mse(pred, target)
 
     def forward(
             self, imgs: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
@@ -129,15 +147,17 @@ class FCMAE(nn.Module):
             generator: for the random mask.
         """
         grid = self.grid(imgs)
+        num_patches = grid[0] * grid[1]
         if mask is None:
             mask = self.random_mask(imgs, generator)
-            visible = num_visible(grid[0] * grid[1], self.mask_ratio)
+            visible = num_visible(num_patches, self.mask_ratio)
         else:
             mask, visible = as_grid_mask(mask, imgs.shape[0], grid), None
         latent = self.sparse_backend.densify(self.encoder.forward_masked(imgs, mask, visible))
-        pred = self.forward_decoder(latent, mask)
         flat_mask = mask.flatten(1)
-        return FCMAEOutput(self.forward_loss(imgs, pred, flat_mask), pred, flat_mask)
+        rows = masked_rows(flat_mask, None if visible is None else num_patches - visible)
+        pred = self.forward_decoder(latent, mask, rows)
+        return FCMAEOutput(self.forward_loss(imgs, pred, rows), pred, flat_mask)
 
 
 def _init_weights(module: nn.Module) -> None:

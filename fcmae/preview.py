@@ -30,15 +30,19 @@ def reconstruct(model: FCMAE, imgs: Tensor, mask: Tensor) -> tuple[Tensor, Tenso
     """
     was_training = model.training
     model.eval()
-    pred = model(imgs, mask=mask).pred.float()  # (B, L, p*p*C)
+    out = model(imgs, mask=mask)
     model.train(was_training)
     p = model.patch_size
     grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)
+    patches = patchify(imgs.float(), p)  # (B, L, p*p*C)
+    pred = out.pred.float()  # (R, p*p*C), the masked patches in mask order
     if model.norm_pix_loss:
-        _, mean, std = normalize_patches(patchify(imgs.float(), p))
-        pred = pred * std + mean
-    pixel_mask = mask.reshape(-1, 1, *grid).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
-    recon = torch.where(pixel_mask, unpatchify(pred, p, grid, imgs.shape[1]), imgs.float())
+        _, mean, std = normalize_patches(patches)
+        pred = pred * std[out.mask] + mean[out.mask]
+    recon = patches.clone()
+    recon[out.mask] = pred
+    recon = unpatchify(recon, p, grid, imgs.shape[1])
+    pixel_mask = out.mask.reshape(-1, 1, *grid).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
     masked = torch.where(pixel_mask, torch.zeros_like(recon), imgs.float())
     return masked, recon
 

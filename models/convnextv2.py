@@ -44,6 +44,21 @@ class ConvNeXtV2Block(nn.Module):
             y = y * scale[:, None, None, None]
         return x + y
 
+    def forward_rows(self, x: Tensor, rows: Tensor) -> Tensor:
+        """The block's output at some positions: (B, C, H, W) and (R,) flat indices into B*H*W -> (R, C).
+
+        Positions mix only before ``fc2`` (the depthwise conv and the GRN statistics, which still cover
+        every position), so ``fc2``, drop path and the residual run at ``rows`` alone; the result equals
+        ``forward(x)`` read at ``rows``.
+        """
+        height, width = x.shape[-2:]
+        hidden = self.mlp.hidden(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))  # (B, H, W, 4C)
+        y = self.mlp.fc2(hidden.flatten(0, 2)[rows])
+        scale = drop_path_scale(x.shape[0], self.drop_prob, self.training, y)
+        if scale is not None:
+            y = y * scale[rows // (height * width), None]
+        return x.permute(0, 2, 3, 1).flatten(0, 2)[rows] + y
+
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
 

@@ -70,6 +70,9 @@ class GrnMlp(nn.Module):
                 ``sparse_ops.functional.gelu_then_grn``). None means ``act`` then the dense per-sample
                 GRN over dims (1, 2) of a (B, H, W, 4C) input.
         """
+        return self.fc2(self.hidden(x, act_grn))
+
+    def hidden(self, x: Tensor, act_grn: Callable[[Tensor, GlobalResponseNorm], Tensor] | None = None) -> Tensor:
+        """The GRN output that ``fc2`` reads: (..., C) -> (..., 4C); arguments as :meth:`forward`."""
         h = self.fc1(x)
-        h = self.grn(self.act(h)) if act_grn is None else act_grn(h, self.grn)
-        return self.fc2(h)
+        return self.grn(self.act(h)) if act_grn is None else act_grn(h, self.grn)

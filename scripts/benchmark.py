@@ -61,6 +61,7 @@ def useful_flops_per_image(size: str, img_size: int, mask_ratio: float) -> float
         lambda: model.forward_decoder(
             torch.empty(1, encoder.num_features, grid, grid, device="meta"),
             torch.zeros(1, grid, grid, dtype=torch.bool, device="meta"),
+            torch.arange(grid * grid - num_visible(grid * grid, mask_ratio), device="meta"),  # masked patches
         ),
     ):
         counter = FlopCounterMode(display=False)

@@ -11,7 +11,7 @@ from tests.helpers import relative_error
 
 
 def _direct_loss(imgs, pred, mask_bl, norm_pix):
-    """The loss written out patch by patch."""
+    """The loss written out patch by patch; ``pred`` holds the masked patches in row-major mask order."""
     b, c, h, w = imgs.shape
     total, count = 0.0, 0
     for i in range(b):
@@ -22,8 +22,9 @@ def _direct_loss(imgs, pred, mask_bl, norm_pix):
             patch = imgs[i, :, r * 32:(r + 1) * 32, q * 32:(q + 1) * 32].permute(1, 2, 0).reshape(-1)
             if norm_pix:
                 patch = (patch - patch.mean()) / (patch.var(unbiased=True) + 1e-6).sqrt()
-            total += ((pred[i, k] - patch) ** 2).mean()
+            total += ((pred[count] - patch) ** 2).mean()
             count += 1
+    assert count == len(pred)
     return total / count
 
 
@@ -40,11 +41,40 @@ def test_loss_ignores_targets_of_visible_patches():
     model = create_fcmae("convnextv2_test", decoder_embed_dim=16)
     imgs = torch.randn(2, 3, 64, 64)
     mask = random_mask(2, (2, 2), 0.5)
-    pred = torch.randn(2, 4, 32 * 32 * 3)
     changed = imgs + 5 * (~mask).repeat_interleave(32, 1).repeat_interleave(32, 2)[:, None]
-    flat = mask.flatten(1)
-    assert model.forward_loss(imgs, pred, flat) == model.forward_loss(changed, pred, flat)
-    assert model.forward_loss(imgs, pred, flat) != model.forward_loss(imgs, pred, ~flat)
+    rows, other_rows = fcmae.masked_rows(mask.flatten(1)), fcmae.masked_rows(~mask.flatten(1))
+    pred = torch.randn(len(rows), 32 * 32 * 3)
+    assert model.forward_loss(imgs, pred, rows) == model.forward_loss(changed, pred, rows)
+    assert model.forward_loss(imgs, pred, rows) != model.forward_loss(imgs, pred, other_rows)
+
+
+def test_masked_rows_with_and_without_count_promise():
+    mask = random_mask(5, (3, 4), 0.6, generator=torch.Generator().manual_seed(3)).flatten(1)
+    expected = mask.flatten().nonzero().squeeze(1)
+    assert torch.equal(fcmae.masked_rows(mask, int(mask[0].sum())), expected)
+    assert torch.equal(fcmae.masked_rows(mask), expected)
+
+
+def test_predictions_of_masked_patches_equal_the_full_decoder():
+    """The decoder's tail runs at masked patches only; it must equal the whole decoder read there."""
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=16, decoder_depth=2)
+    imgs, mask = torch.randn(2, 3, 64, 96), random_mask(2, (2, 3), 0.5)
+    out = model(imgs, mask)
+    latent = model.encode(imgs, mask)
+    every = model.forward_decoder(latent, mask, torch.arange(2 * 6))  # (B*L, D)
+    assert out.pred.shape == (6, 3072)
+    assert relative_error(out.pred, every[mask.flatten()]) < 1e-6
+    decoder_input = model.decoder[0](torch.randn(2, 16, 2, 3))
+    rows = torch.tensor([0, 4, 5, 11])
+    dense = model.decoder[1](decoder_input).permute(0, 2, 3, 1).flatten(0, 2)[rows]
+    assert relative_error(model.decoder[1].forward_rows(decoder_input, rows), dense) < 1e-6
+
+
+def test_no_decoder_blocks_predicts_from_the_mask_token():
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=16, decoder_depth=0)
+    out = model(torch.randn(2, 3, 64, 64), random_mask(2, (2, 2), 0.5))
+    token = torch.nn.functional.linear(model.mask_token.flatten(), model.pred.weight.flatten(1), model.pred.bias)
+    assert relative_error(out.pred, token.expand_as(out.pred)) < 1e-6
 
 
 def test_patchify_order_and_roundtrip():
@@ -60,7 +90,7 @@ def test_output_shapes_and_mask_convention():
     model = create_fcmae("convnextv2_test", decoder_embed_dim=16)
     out = model(torch.randn(3, 3, 96, 64))
     loss, pred, mask = out  # tuple-unpackable like the official model
-    assert loss.dim() == 0 and pred.shape == (3, 6, 3072)
+    assert loss.dim() == 0 and pred.shape == (3 * 4, 3072)  # masked patches only
     assert mask.shape == (3, 6) and mask.dtype == torch.bool
     assert (mask.sum(1) == 6 - int(6 * 0.4)).all()
 
@@ -87,7 +117,7 @@ def test_batch_size_one_and_generator_reproducibility():
 def test_other_channel_counts(in_chans):
     model = create_fcmae("convnextv2_test", in_chans=in_chans, decoder_embed_dim=16)
     out = model(torch.randn(2, in_chans, 64, 64))
-    assert out.pred.shape == (2, 4, 32 * 32 * in_chans) and torch.isfinite(out.loss)
+    assert out.pred.shape == (2 * 3, 32 * 32 * in_chans) and torch.isfinite(out.loss)
 
 
 def test_user_mask_is_used():

@@ -34,7 +34,7 @@ class _Oracle(torch.nn.Module):
         target = patchify(imgs, self.patch_size)
         if self.norm_pix_loss:
             target = normalize_patches(target)[0]
-        return FCMAEOutput(torch.zeros(()), target, mask.flatten(1))
+        return FCMAEOutput(torch.zeros(()), target[mask.flatten(1)], mask.flatten(1))
 
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
