@@ -6,12 +6,14 @@ decoder; x3 for forward + backward). Ratios are computed within one run. Prints 
 JSON.
 
     python scripts/benchmark.py --sizes base --backends dense native --compile off default reduce-overhead
+    python scripts/benchmark.py --sizes atto --batch-size 16 --steps 3 --compile off default --interleave  # CPU
     python scripts/benchmark.py --smoke     # tiny CPU run used by the test suite
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -108,6 +110,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_steps(step, device: torch.device, steps: int) -> float:
+    """Seconds per step over ``steps`` consecutive steps."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def finish(result: Result, times: list[float], device: torch.device, args) -> Result:
+    """Fill in the speed, peak memory and FLOP utilisation of ``result`` from its step times."""
+    step_s = statistics.median(times)
+    result.step_ms = 1000 * step_s
+    result.images_per_s = args.batch_size / step_s
+    if device.type == "cuda":
+        result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    peak = peak_tflops(device, result.precision)
+    if peak:
+        flops = useful_flops_per_image(result.size, args.img_size, args.mask_ratio)
+        result.mfu = flops * result.images_per_s / (peak * 1e12)
+    return result
+
+
 def measure(size, backend, compile_mode, precision, device, args) -> Result:
     result = Result(size, backend, compile_mode, precision, args.batch_size, None, None, None, None)
     torch._dynamo.reset()  # drop earlier configurations' graphs (and their recompile budget)
@@ -118,29 +144,36 @@ def measure(size, backend, compile_mode, precision, device, args) -> Result:
         step = build_step(size, backend, compile_mode, precision, device, args)
         for _ in range(args.warmup):
             step()
-        times = []
-        for _ in range(args.repeats):
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            sync(device)
-            times.append((time.perf_counter() - start) / args.steps)
+        times = [time_steps(step, device, args.steps) for _ in range(args.repeats)]
     except torch.cuda.OutOfMemoryError as err:
         result.error = f"OOM: {str(err).splitlines()[0]}"
         return result
     if args.profile:
         print(f"== profile: {size} {backend} compile={compile_mode} {precision}")
         profile_step(step, device)
-    step_s = statistics.median(times)
-    result.step_ms = 1000 * step_s
-    result.images_per_s = args.batch_size / step_s
-    if device.type == "cuda":
-        result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    peak = peak_tflops(device, precision)
-    if peak:
-        result.mfu = useful_flops_per_image(size, args.img_size, args.mask_ratio) * result.images_per_s / (peak * 1e12)
-    return result
+    return finish(result, times, device, args)
+
+
+def measure_interleaved(configs: list[tuple[str, str, str, str]], device: torch.device, args) -> list[Result]:
+    """Like :func:`measure` for every (size, backend, compile, precision), taking turns between repeats.
+
+    Every configuration is built and warmed up first; then each repeat times each configuration once,
+    so slow drift of a shared machine's speed falls on all of them alike instead of on whichever ran
+    during it.
+    """
+    steps = []
+    for config in configs:
+        steps.append(build_step(*config, device, args))
+        for _ in range(args.warmup):
+            steps[-1]()
+    times = [[] for _ in configs]
+    for _ in range(args.repeats):
+        for step, config_times in zip(steps, times, strict=True):
+            config_times.append(time_steps(step, device, args.steps))
+    return [
+        finish(Result(*config, args.batch_size, None, None, None, None), config_times, device, args)
+        for config, config_times in zip(configs, times, strict=True)
+    ]
 
 
 def profile_step(step, device: torch.device, rows: int = 40) -> None:
@@ -207,7 +240,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write results here")
     p.add_argument("--smoke", action="store_true", help="tiny size, few steps (for tests)")
     p.add_argument("--profile", action="store_true", help="print a kernel-time profile of every configuration")
+    p.add_argument(
+        "--interleave", action="store_true",
+        help="take turns between configurations at every repeat (CPU only: on CUDA peak memory needs each alone)",
+    )
     args = p.parse_args(argv)
+    if args.interleave and (args.device.startswith("cuda") or args.profile):
+        p.error("--interleave measures CPU runs without --profile")
     if args.smoke:
         args.sizes, args.batch_size, args.img_size = ["test"], 2, 64
         args.warmup, args.steps, args.repeats = 1, 1, 1
@@ -219,13 +258,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[Result]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    results = []
-    for size in args.sizes:
-        for precision in args.precision:
-            for backend in args.backends:
-                for compile_mode in args.compile:
-                    results.append(measure(size, backend, compile_mode, precision, device, args))
-                    print(json.dumps(asdict(results[-1])), flush=True)
+    configs = list(itertools.product(args.sizes, args.backends, args.compile, args.precision))
+    if args.interleave:
+        results = measure_interleaved(configs, device, args)
+        for result in results:
+            print(json.dumps(asdict(result)), flush=True)
+    else:
+        results = []
+        for config in configs:
+            results.append(measure(*config, device, args))
+            print(json.dumps(asdict(results[-1])), flush=True)
     print_table(results)
     if args.json:
         meta = {

@@ -40,3 +40,15 @@ def test_useful_flops_count_visible_sites_only():
 def test_benchmark_smoke_includes_minkowski():
     results = _load().main(["--smoke", "--device", "cpu", "--backends", "native", "minkowski"])
     assert [(r.backend, r.error) for r in results] == [("native", None), ("minkowski", None)]
+
+
+def test_interleaved_smoke_measures_every_configuration():
+    results = _load().main(["--smoke", "--device", "cpu", "--backends", "dense", "native", "--compile", "off",
+                            "--interleave"])
+    assert [(r.backend, r.compile, r.error) for r in results] == [("dense", "off", None), ("native", "off", None)]
+    assert all(r.images_per_s > 0 and r.step_ms > 0 for r in results)
+
+
+def test_interleave_refuses_cuda():
+    with pytest.raises(SystemExit):
+        _load().parse_args(["--interleave", "--device", "cuda"])
