@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from fcmae.config import ConfigError
 from fcmae.data import collate_examples, load_image_source
 from fcmae.engine import input_memory_format
 from fcmae.images import BadImageError, can_reduce, load_image, open_image
-from fcmae.loader import build_pretrain_loader
+from fcmae.loader import WORKER_NICENESS, build_pretrain_loader
 from fcmae.pretrain_config import DataConfig, load_pretrain_config
 from fcmae.pretraining import run_pretraining
 from fcmae.transforms import (
@@ -234,3 +235,13 @@ def test_input_benchmark_smoke_writes_json(tmp_path):
     assert train["ratio"] == pytest.approx(train["real"] / train["synthetic"])
     saved = json.loads(out.read_text())
     assert saved["meta"]["device"] == "cpu" and saved["settings"]["size"] == "test"
+
+
+def test_loader_workers_run_nicer_than_the_training_process():
+    cfg = DataConfig(generated_images=8, input_size=32, num_workers=1)
+    loader = build_pretrain_loader(cfg, load_image_source(cfg), in_chans=3, batch_size=4, accumulation=1, rank=0,
+                                   world_size=1, seed=0)
+    next(iter(loader.epoch(0)))  # starts the (persistent) worker
+    (worker,) = loader.loader._iterator._workers
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(own + WORKER_NICENESS, 19)
