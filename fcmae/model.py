@@ -121,12 +121,11 @@ class FCMAE(nn.Module):
         x = F.linear(latent.permute(0, 2, 3, 1), self.proj.weight.flatten(1), self.proj.bias)
         m = mask[..., None].to(x.dtype)
         x = x * (1 - m) + self.mask_token.view(1, 1, 1, -1).to(x.dtype) * m
-        # contiguous: inductor cannot order the strides of the permuted view under dynamic shapes
-        x = x.permute(0, 3, 1, 2).contiguous()
         if len(self.decoder) == 0:
-            x = x.permute(0, 2, 3, 1).flatten(0, 2)[rows]
-        else:
-            x = self.decoder[-1].forward_rows(self.decoder[:-1](x), rows)  # (R, E)
+            x = x.flatten(0, 2)[rows]
+        else:  # contiguous: inductor cannot order the strides of the permuted view under dynamic shapes
+            x = self.decoder[:-1](x.permute(0, 3, 1, 2).contiguous())
+            x = self.decoder[-1].forward_rows(x, rows)  # (R, E)
         return F.linear(x, self.pred.weight.flatten(1), self.pred.bias)
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, rows: Tensor) -> Tensor:
