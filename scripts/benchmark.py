@@ -2,8 +2,8 @@
 
 Measures forward + loss + backward + optimizer step on synthetic input: images/s (median of repeats),
 peak memory, and model FLOP utilisation of the useful FLOPs (stem, visible sites of the encoder,
-decoder; x3 for forward + backward). Ratios are computed within one run. Prints a table and writes
-JSON.
+decoder with its tail at masked patches; x3 for forward + backward). Ratios are computed within one
+run. Prints a table and writes JSON.
 
     python scripts/benchmark.py --sizes base --backends dense native --compile off default reduce-overhead
     python scripts/benchmark.py --sizes atto --batch-size 16 --steps 3 --compile off default --interleave  # CPU

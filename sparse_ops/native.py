@@ -9,8 +9,8 @@ plain reduction.
 
 The 7x7 depthwise conv reads visible neighbours only (:mod:`sparse_ops.sparse_dwconv`: a Triton
 kernel on CUDA, scatter -> dense conv -> gather elsewhere, with a weight gradient over visible sites on
-the CPU); everything else (LayerNorm, Linear, GELU,
-GRN, residual, drop path) touches the N visible rows only. With per-sample GRN statistics and equal
+the CPU); everything else (LayerNorm, Linear, GELU, GRN, residual, drop path) touches the N visible rows
+only. With per-sample GRN statistics and equal
 counts, GELU + GRN run as fused Triton kernels on CUDA (:mod:`sparse_ops.gelu_grn`).
 """
 

@@ -117,25 +117,25 @@ class _GridDepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         values, site_flat, table, weight = ctx.saved_tensors
         channels, pad = weight.shape[0], weight.shape[-1] // 2
-        grad = _grid(grad_out, site_flat, ctx.shape)
         grad_values = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
+            grad = _grid(grad_out, site_flat, ctx.shape)
             grad_values = _at_sites(F.conv2d(grad, weight.flip(2, 3), padding=pad, groups=channels), site_flat)
         if ctx.needs_input_grad[3]:
-            grad_weight = _grid_weight_grad(grad_out, grad, values, site_flat, table, weight, ctx.shape)
+            grad_weight = _grid_weight_grad(grad_out, values, site_flat, table, weight, ctx.shape)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_bias = grad_out.sum(0)
         return grad_values, None, None, grad_weight, grad_bias, None
 
 
-def _grid_weight_grad(grad_out, grad_grid, values, site_flat, table, weight, shape) -> Tensor:
+def _grid_weight_grad(grad_out, values, site_flat, table, weight, shape) -> Tensor:
     """(C, 1, k, k) weight gradient with plain strides (as DDP's buckets want)."""
     tap_grad = _compiled_tap_weight_grad() if table is not None else None
     if tap_grad is not None:
         return tap_grad(grad_out, values, table).t().contiguous().view(weight.shape).to(weight.dtype)
     pad = weight.shape[-1] // 2
     grad_weight = torch.ops.aten.convolution_backward(
-        grad_grid, _grid(values, site_flat, shape), weight, None,
+        _grid(grad_out, site_flat, shape), _grid(values, site_flat, shape), weight, None,
         [1, 1], [pad, pad], [1, 1], False, [0, 0], weight.shape[0], [False, True, False],
     )[1]  # fmt: skip
     return weight.new_empty(weight.shape).copy_(grad_weight)
