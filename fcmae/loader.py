@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from fcmae.config import ConfigError
 from fcmae.data import ImageSource, PretrainImages, StreamingPretrainImages, collate_examples
+from fcmae.device_decode import DeviceCropCollate, EncodedPretrainImages
 from fcmae.images import MODES_BY_CHANNELS, BadImageError, decode_image
 from fcmae.pretrain_config import DataConfig
 from fcmae.transforms import EvalTransform, PretrainTransform, keyed_generator
@@ -98,13 +99,33 @@ class PretrainLoader:
             self.dataset.set_epoch(epoch, 0)  # a short shard restarts from its beginning
 
 
-def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int, batch_size: int,
-                          accumulation: int, rank: int, world_size: int, seed: int,
-                          pin_memory: bool = False) -> PretrainLoader:
-    """A :class:`PretrainLoader` over ``source`` for process ``rank`` of ``world_size``.
+def decode_device(cfg: DataConfig, training_device: torch.device) -> torch.device | None:
+    """Where ``data.decode_device`` has the loader decode JPEGs: None for the CPU, else the training GPU.
 
     Raises:
-        ConfigError: fewer images than one global batch, or a stream of unknown size.
+        ConfigError: ``cuda`` asked for a run that does not train on a CUDA device.
+    """
+    if cfg.decode_device == "cpu":
+        return None
+    if training_device.type != "cuda":
+        raise ConfigError("data.decode_device", f"cuda needs a run on a CUDA device; this one trains on "
+                                                f"{training_device.type} (use cpu)")
+    index = training_device.index if training_device.index is not None else torch.cuda.current_device()
+    return torch.device("cuda", index)
+
+
+def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int, batch_size: int,
+                          accumulation: int, rank: int, world_size: int, seed: int,
+                          pin_memory: bool = False, decode_device: torch.device | None = None) -> PretrainLoader:
+    """A :class:`PretrainLoader` over ``source`` for process ``rank`` of ``world_size``.
+
+    Args:
+        decode_device: decode JPEGs and crop them on this device inside the workers (see
+            :mod:`fcmae.device_decode`; workers start with ``spawn``); None decodes on the CPU.
+
+    Raises:
+        ConfigError: fewer images than one global batch, a stream of unknown size, or a stream with
+            ``decode_device``.
     """
     transform = PretrainTransform(cfg.input_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.reduced_decode)
     kwargs = dict(num_workers=cfg.num_workers, collate_fn=collate_examples, pin_memory=pin_memory,
@@ -115,6 +136,9 @@ def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int
         batches = num_samples // per_step * accumulation
         stream = split_dataset_by_node(
             source.dataset.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer), rank, world_size)
+        if decode_device is not None:
+            raise ConfigError("data.decode_device", "decoding on the GPU needs a map-style dataset; a streaming "
+                                                    "one decodes on the CPU (data.decode_device=cpu)")
         dataset = StreamingPretrainImages(
             ImageSource(stream, source.image_column, []), transform, cfg, in_chans, seed, rank, batch_size)
         loader = PretrainLoader(dataset, batches, dict(kwargs, batch_size=batch_size, drop_last=True))
@@ -122,8 +146,15 @@ def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int
         num_samples = len(source.dataset)
         batches = num_samples // per_step * accumulation
         sampler = EpochBatchSampler(num_samples, batch_size, batches, rank, world_size, seed)
-        dataset = PretrainImages(source, transform, cfg, in_chans, seed)
-        loader = PretrainLoader(dataset, batches, dict(kwargs, persistent_workers=cfg.num_workers > 0), sampler)
+        kwargs["persistent_workers"] = cfg.num_workers > 0
+        if decode_device is None:
+            dataset = PretrainImages(source, transform, cfg, in_chans, seed)
+        else:
+            dataset = EncodedPretrainImages(source, transform, cfg, in_chans, seed)
+            kwargs["collate_fn"] = DeviceCropCollate(cfg.input_size, decode_device, dataset)
+            # CUDA cannot be initialised in a forked child of a process that uses it.
+            kwargs["multiprocessing_context"] = "spawn" if cfg.num_workers > 0 else None
+        loader = PretrainLoader(dataset, batches, kwargs, sampler)
     if batches == 0:
         raise ConfigError("train.batch_size", f"the corpus has {num_samples} images, fewer than one optimizer step "
                                               f"of {per_step} (batch x processes x accumulation)")

@@ -69,6 +69,7 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
     hflip: float = 0.5  # horizontal flip probability
     reduced_decode: bool = True  # decode JPEGs at 1/2, 1/4 or 1/8 size (DCT scaling) when the crop still fits
+    decode_device: str = "cpu"  # cuda: workers decode and crop JPEGs on the training GPU (nvJPEG); 2-4 suffice
     mean: tuple[float, ...] = IMAGENET_MEAN  # per-channel normalisation mean (one value per in_chans)
     std: tuple[float, ...] = IMAGENET_STD  # per-channel normalisation std
     num_workers: int = 4  # DataLoader worker processes per training process
@@ -97,6 +98,8 @@ class DataConfig:
         _check(0.0 <= self.hflip <= 1.0, "hflip", f"must be a probability, got {self.hflip}")
         _check(all(s > 0 for s in self.std), "std", f"must be positive, got {self.std}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.decode_device in ("cpu", "cuda"), "decode_device",
+               f"must be cpu or cuda, got {self.decode_device!r}")
         _check(self.max_image_pixels > 0, "max_image_pixels", "must be > 0")
         _check(self.max_bad_in_a_row >= 1, "max_bad_in_a_row", "must be >= 1")
         _check(self.num_samples is None or self.num_samples > 0, "num_samples", "must be > 0")

@@ -29,7 +29,7 @@ from fcmae.data import load_image_source
 from fcmae.engine import Engine, NonFiniteWeightsError, StepStats, parameters_finite
 from fcmae.images import DataIssues
 from fcmae.knn import KnnMonitor
-from fcmae.loader import build_pretrain_loader, preview_images
+from fcmae.loader import build_pretrain_loader, decode_device, preview_images
 from fcmae.optim import LrSchedule, build_adamw, scaled_lr
 from fcmae.pretrain_config import PretrainConfig
 from fcmae.preview import reconstruction_grid, save_preview
@@ -118,7 +118,7 @@ class PretrainingRun:
         self.loader = build_pretrain_loader(
             cfg.data, self.source, in_chans=cfg.model.in_chans, batch_size=tc.batch_size,
             accumulation=tc.gradient_accumulation_steps, rank=acc.process_index, world_size=acc.num_processes,
-            seed=tc.seed, pin_memory=acc.device.type == "cuda")
+            seed=tc.seed, pin_memory=acc.device.type == "cuda", decode_device=decode_device(cfg.data, acc.device))
         self.global_batch = tc.batch_size * tc.gradient_accumulation_steps * acc.num_processes
         self.steps_per_epoch = self.loader.batches_per_epoch // tc.gradient_accumulation_steps
         self.total_steps = tc.epochs * self.steps_per_epoch

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -105,6 +106,9 @@ def reduced_box(box: tuple[int, int, int, int], factor: int) -> tuple[int, int, 
     return new_top, new_left, round((top + height) / factor) - new_top, round((left + width) / factor) - new_left
 
 
+_RESAMPLING = dict(interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+
 def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int) -> Tensor:
     """The (top, left, height, width) crop of ``img`` resized to ``size`` x ``size``, bicubic, antialiased.
 
@@ -114,10 +118,29 @@ def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int) ->
     Returns:
         (C, S, S) uint8.
     """
-    options = dict(interpolation=InterpolationMode.BICUBIC, antialias=True)
     if img.mode == "RGBA":
-        return TF.pil_to_tensor(TF.resized_crop(img, *box, [size, size], **options))
-    return TF.resized_crop(TF.pil_to_tensor(img), *box, [size, size], **options)
+        return TF.pil_to_tensor(TF.resized_crop(img, *box, [size, size], **_RESAMPLING))
+    return resized_crop_pixels(TF.pil_to_tensor(img), box, size)
+
+
+def resized_crop_pixels(pixels: Tensor, box: tuple[int, int, int, int], size: int) -> Tensor:
+    """:func:`resized_crop` of decoded pixels, on their device: (C, H, W) uint8 -> (C, S, S) uint8."""
+    return TF.resized_crop(pixels, *box, [size, size], **_RESAMPLING)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """One training sample's augmentation, drawn before any pixel is decoded.
+
+    Attributes:
+        box: (top, left, height, width) in the full image's pixels.
+        flip: mirror the crop horizontally.
+        notes: ``["small"]`` when a side of the image is below the output size (the crop upscales).
+    """
+
+    box: tuple[int, int, int, int]
+    flip: bool
+    notes: list[str]
 
 
 class PretrainTransform:
@@ -152,19 +175,19 @@ class PretrainTransform:
             BadImageError: the pixels cannot be decoded.
         """
         if self.reduced_decode and can_reduce(img):
-            box, small = self._draw_box(img.width, img.height, generator)
-            img, notes, factor = load_image(img, mode, dct_reduction(box[2], box[3], self.size))
+            plan = self.plan(img.width, img.height, generator)
+            img, notes, factor = load_image(img, mode, dct_reduction(plan.box[2], plan.box[3], self.size))
         else:
             img, notes, factor = load_image(img, mode)
-            box, small = self._draw_box(img.width, img.height, generator)
-        pixels = resized_crop(img, reduced_box(box, factor), self.size)
-        if float(torch.rand((), generator=generator)) < self.hflip:
-            pixels = pixels.flip(-1)
-        return pixels, notes + small
+            plan = self.plan(img.width, img.height, generator)
+        pixels = resized_crop(img, reduced_box(plan.box, factor), self.size)
+        return (pixels.flip(-1) if plan.flip else pixels), notes + plan.notes
 
-    def _draw_box(self, width: int, height: int, generator: torch.Generator) -> tuple[tuple[int, ...], list[str]]:
+    def plan(self, width: int, height: int, generator: torch.Generator) -> CropPlan:
+        """The crop box, then the flip, drawn from ``generator`` for a ``width`` x ``height`` image."""
         box = sample_crop_box(height, width, self.scale, self.ratio, generator)
-        return box, (["small"] if min(width, height) < self.size else [])
+        flip = float(torch.rand((), generator=generator)) < self.hflip
+        return CropPlan(box, flip, ["small"] if min(width, height) < self.size else [])
 
 
 class EvalTransform:

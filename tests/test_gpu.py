@@ -132,3 +132,42 @@ def test_gelu_grn_custom_ops_pass_opcheck(dtype):
     weight = torch.randn(96, device="cuda", requires_grad=True)
     bias = torch.randn(96, device="cuda", requires_grad=True)
     torch.library.opcheck(gelu_grn_op, (h, weight, bias))
+
+
+def _pixel_diff(got: torch.Tensor, want: torch.Tensor) -> tuple[float, int]:
+    diff = (got.int() - want.int()).abs()
+    return diff.float().mean().item(), int(diff.max())
+
+
+def test_nvjpeg_crops_are_close_to_the_cpu_paths():
+    """The same crops and flips; nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level
+    or two, the resampling kernel is the float one of the GPU."""
+    from fcmae.device_decode import DeviceCropCollate
+    from tests.test_device_decode import SIZE, cpu_batch, datasets_pair, encoded, photo
+
+    files = [encoded(photo(500, 375, seed)) for seed in range(6)] + [encoded(photo(375, 500, 9, "L"))]
+    on_device, on_cpu = datasets_pair(files)
+    keys = [(e, i) for e in range(2) for i in range(len(files))]
+    got = DeviceCropCollate(SIZE, torch.device("cuda"), on_device)([on_device[k] for k in keys])
+    want = cpu_batch(on_cpu, keys)
+    assert got["issues"] == want["issues"] and got["pixel_values"].device.type == "cpu"
+    mean, worst = _pixel_diff(got["pixel_values"], want["pixel_values"])
+    print(f"nvjpeg vs cpu: mean {mean:.3f}, max {worst} levels")
+    assert mean < 1.0 and worst <= 16
+
+
+def test_loader_decoding_on_cuda_in_spawned_workers():
+    from fcmae.loader import build_pretrain_loader
+    from fcmae.pretrain_config import DataConfig
+    from tests.test_device_decode import SIZE, encoded, photo, source_of
+
+    cfg = DataConfig(input_size=SIZE, num_workers=2, reduced_decode=False)
+    source = source_of([encoded(photo(300 + 7 * i, 200 + 5 * i, 20 + i)) for i in range(16)])
+    common = dict(in_chans=3, batch_size=4, accumulation=1, rank=0, world_size=1, seed=1, pin_memory=True)
+    on_gpu = build_pretrain_loader(cfg, source, decode_device=torch.device("cuda", 0), **common)
+    on_cpu = build_pretrain_loader(cfg, source, **common)
+    batches = list(zip(on_gpu.epoch(0), on_cpu.epoch(0), strict=True))
+    assert len(batches) == 4
+    for got, want in batches:
+        mean, worst = _pixel_diff(got["pixel_values"], want["pixel_values"])
+        assert got["issues"] == want["issues"] and mean < 1.0 and worst <= 16

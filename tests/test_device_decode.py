@@ -1,0 +1,170 @@
+"""Decoding and cropping JPEGs on a device inside the loader workers (``data.decode_device``), run on the CPU."""
+
+from __future__ import annotations
+
+import io
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fcmae.device_decode as device_decode
+from fcmae.config import ConfigError
+from fcmae.data import ImageSource, PretrainImages
+from fcmae.device_decode import DeviceCropCollate, EncodedPretrainImages, _chunks
+from fcmae.loader import build_pretrain_loader, decode_device
+from fcmae.pretrain_config import DataConfig
+from fcmae.transforms import PretrainTransform
+
+SIZE = 32
+CPU = torch.device("cpu")
+
+
+def photo(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """Smooth random colours with an asymmetric ramp (a flip shows)."""
+    rng = np.random.default_rng(seed)
+    grid = rng.normal(0.0, 50.0, (3, 5, 7)).astype(np.float32)
+    planes = [np.asarray(Image.fromarray(g).resize((width, height), Image.BICUBIC)) for g in grid]
+    ramp = np.linspace(-60, 60, width, dtype=np.float32)[None, :, None]
+    pixels = np.clip(np.stack(planes, axis=-1) + 128 + ramp, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def encoded(img: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}), **kwargs)
+    return buffer.getvalue()
+
+
+def exif_rotated(img: Image.Image) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encoded(img, exif=exif.tobytes())
+
+
+def source_of(files: list[bytes]) -> ImageSource:
+    return ImageSource(datasets.Dataset.from_dict({"image": files}), "image", [])
+
+
+def datasets_pair(files: list[bytes], mode: str = "RGB") -> tuple[EncodedPretrainImages, PretrainImages]:
+    """The device path's dataset and the CPU path's (full-size decoding, as the device decodes)."""
+    cfg = DataConfig(input_size=SIZE, max_bad_in_a_row=4)
+    transform = PretrainTransform(SIZE, cfg.crop_scale, cfg.crop_ratio, 0.5, reduced_decode=False)
+    in_chans = {"RGB": 3, "L": 1}[mode]
+    return tuple(cls(source_of(files), transform, cfg, in_chans, seed=3)
+                 for cls in (EncodedPretrainImages, PretrainImages))
+
+
+def collate_keys(images: EncodedPretrainImages, keys: list[tuple[int, int]]) -> dict:
+    return DeviceCropCollate(SIZE, CPU, images)([images[k] for k in keys])
+
+
+def cpu_batch(images: PretrainImages, keys: list[tuple[int, int]]) -> dict:
+    items = [images[k] for k in keys]
+    return {"pixel_values": torch.stack([i["pixel_values"] for i in items]),
+            "issues": [issue for i in items for issue in i["issues"]]}
+
+
+JPEGS = [encoded(photo(120, 90, 0)), encoded(photo(70, 100, 1)), encoded(photo(24, 40, 2)),  # the last is small
+         encoded(photo(96, 96, 3, "L"))]
+
+
+def test_jpegs_leave_the_worker_undecoded_with_the_cpu_paths_crop_and_flip():
+    on_device, on_cpu = datasets_pair(JPEGS)
+    keys = [(e, i) for e in range(3) for i in range(len(JPEGS))]
+    assert all("encoded" in on_device[k] for k in keys)
+    flips = [on_device[k]["encoded"].flip for k in keys]
+    assert any(flips) and not all(flips)
+    got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
+    assert got["pixel_values"].shape == (len(keys), 3, SIZE, SIZE) and got["pixel_values"].dtype == torch.uint8
+    # libjpeg-turbo behind both decoders and one resampling kernel: the same pixels.
+    assert torch.equal(got["pixel_values"], want["pixel_values"])
+    assert got["issues"] == want["issues"]
+    assert {kind for kind, _, _ in got["issues"]} == {"converted:small", "converted:channels"}
+
+
+def test_grayscale_runs_decode_grayscale_on_the_device():
+    on_device, on_cpu = datasets_pair(JPEGS, mode="L")
+    keys = [(0, i) for i in range(len(JPEGS))]
+    got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
+    assert got["pixel_values"].shape == (len(keys), 1, SIZE, SIZE) and got["issues"] == want["issues"]
+    diff = (got["pixel_values"].int() - want["pixel_values"].int()).abs().amax(dim=(1, 2, 3))
+    # libjpeg takes a colour JPEG's luma plane as it is; PIL recomputes luma from the decoded RGB.
+    assert diff[:3].max() <= 1 and diff[3] == 0  # the grayscale JPEG decodes identically
+
+
+def test_images_nvjpeg_is_not_given_are_decoded_on_the_cpu_and_reported_alike():
+    truncated = encoded(photo(120, 90, 4))[:-400]
+    files = [encoded(photo(80, 60, 5), "PNG"), exif_rotated(photo(90, 60, 6)),
+             encoded(Image.new("CMYK", (64, 48), (0, 200, 200, 0))), truncated, encoded(photo(100, 80, 7))]
+    on_device, on_cpu = datasets_pair(files)
+    keys = [(0, i) for i in range(len(files))]
+    # The truncated file is skipped by PIL and replaced by the next file, a good JPEG.
+    assert ["encoded" in on_device[k] for k in keys] == [False, False, False, True, True]
+    got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
+    assert torch.equal(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+    kinds = [kind for kind, _, _ in got["issues"]]
+    assert "converted:exif" in kinds and "converted:color-space" in kinds and "skipped:corrupt" in kinds
+
+
+def test_a_file_the_device_decoder_refuses_is_redone_on_the_cpu(monkeypatch):
+    refused = JPEGS[1]
+    real_decode = device_decode.decode_jpeg
+    calls = []
+
+    def picky_decode(data, **kwargs):
+        batch = data if isinstance(data, list) else [data]
+        calls.append(len(batch))
+        if any(bytes(d.numpy()) == refused for d in batch):
+            raise RuntimeError("nvjpeg refused it")
+        return real_decode(data, **kwargs)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", picky_decode)
+    on_device, on_cpu = datasets_pair(JPEGS)
+    keys = [(1, i) for i in range(len(JPEGS))]
+    got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
+    assert calls == [4, 1, 1, 1, 1]  # the batch call fails, then one call per file
+    assert torch.equal(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+
+
+def test_decode_calls_are_bounded_in_pixels_and_give_the_same_batch(monkeypatch):
+    on_device, _ = datasets_pair(JPEGS)
+    keys = [(0, i) for i in range(len(JPEGS))] * 2
+    whole = collate_keys(on_device, keys)
+    monkeypatch.setattr(device_decode, "DECODE_PIXELS_PER_CALL", 120 * 90 + 70 * 100)
+    assert torch.equal(collate_keys(on_device, keys)["pixel_values"], whole["pixel_values"])
+    items = [on_device[k]["encoded"] for k in keys]
+    assert [len(c) for c in _chunks(items, 120 * 90 + 70 * 100)] == [2, 2, 2, 2]
+    assert [len(c) for c in _chunks(items, 1)] == [1] * len(items)  # a larger image still gets a call
+
+
+def test_loader_decoding_on_a_device_gives_the_cpu_loaders_batches():
+    cfg = DataConfig(input_size=SIZE, num_workers=2, reduced_decode=False)
+    source = source_of([encoded(photo(60 + 4 * i, 50 + 3 * i, 10 + i)) for i in range(24)])
+    common = dict(in_chans=3, batch_size=4, accumulation=1, rank=0, world_size=1, seed=5)
+    on_device = build_pretrain_loader(cfg, source, decode_device=CPU, **common)
+    assert on_device.loader.multiprocessing_context.get_start_method() == "spawn"
+    on_cpu = build_pretrain_loader(cfg, source, **common)
+    batches = list(zip(on_device.epoch(1), on_cpu.epoch(1), strict=True))
+    assert len(batches) == 6
+    for got, want in batches:
+        assert torch.equal(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+
+
+def test_decode_device_is_checked_against_the_run():
+    assert decode_device(DataConfig(), CPU) is None
+    assert decode_device(DataConfig(decode_device="cuda"), torch.device("cuda", 1)) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="decode_device.*CUDA device"):
+        decode_device(DataConfig(decode_device="cuda"), CPU)
+    with pytest.raises(ConfigError, match="decode_device"):
+        DataConfig(decode_device="gpu").validate()
+
+
+def test_streaming_datasets_refuse_device_decoding():
+    cfg = DataConfig(input_size=SIZE, num_samples=8)
+    stream = datasets.Dataset.from_dict({"image": JPEGS * 2}).to_iterable_dataset()
+    with pytest.raises(ConfigError, match="decode_device.*map-style"):
+        build_pretrain_loader(cfg, ImageSource(stream, "image", []), in_chans=3, batch_size=2, accumulation=1,
+                              rank=0, world_size=1, seed=0, decode_device=CPU)
