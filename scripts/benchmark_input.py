@@ -2,21 +2,26 @@
 
 Measurements on one folder of ImageNet-like JPEGs (generated once into ``--data``, reused after):
 
-* ``decode``: ms per image of one training item (read, decode, crop, flip; no loader) in one process,
-  with ``data.reduced_decode`` on and off;
-* ``loader``: images/s through ``fcmae.loader.build_pretrain_loader`` (``--workers`` processes, pinned
-  memory on CUDA), counted after the first wave of batches (one per worker);
+* ``decode``: ms per image of one training item (read, decode, crop, flip; no loader) in one process on
+  the CPU, with ``data.reduced_decode`` on and off;
+* ``loader``: images/s through ``fcmae.loader.build_pretrain_loader`` (``--workers`` processes, decoding
+  on ``--decode-device``, pinned memory on CUDA), counted after the first wave of batches (one per worker);
 * ``train``: images/s of ``Engine.train_one_epoch`` in a ``PretrainingRun`` (the run's accelerator,
-  precision, channels-last and optional compile), fed by synthetic uint8 batches of the same shape,
-  then by the real loader from a cold start; and real / synthetic, the input pipeline's efficiency.
+  precision, channels-last and optional compile), fed by synthetic uint8 batches of the same shape, then
+  by the real loader, alternately for ``--rounds`` rounds; real / synthetic of the medians is the input
+  pipeline's efficiency. Alternating spreads the host's drift (the synthetic loop alone moves by 10%
+  within one process) over both. A real round first drains, untimed, the batches its workers prefetched
+  while the synthetic round ran.
 
 The folder's file list is repeated so that one epoch outlasts warm-up and measurement: an epoch end
 stalls every worker at once, which a real corpus (thousands of batches per epoch) almost never sees.
 
 On the GPU machine (16 cores)::
 
-    python scripts/benchmark_input.py --size tiny --backend native --workers 16 --batch-size 128 --compile \\
+    python scripts/benchmark_input.py --size tiny --backend native --workers 14 --batch-size 128 --compile \\
         --data /tmp/imagenet_like --json input_pipeline.json
+    python scripts/benchmark_input.py --size tiny --backend native --workers 3 --decode-device cuda \\
+        --batch-size 128 --compile --data /tmp/imagenet_like --json input_pipeline_nvjpeg.json
     python scripts/benchmark_input.py --smoke     # CPU-sized run used by the test suite
 """
 
@@ -27,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +48,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fcmae.data import ImageSource, PretrainImages, image_folder_dataset  # noqa: E402
-from fcmae.loader import build_pretrain_loader  # noqa: E402
+from fcmae.loader import build_pretrain_loader, decode_device  # noqa: E402
 from fcmae.pretrain_config import DataConfig, PretrainConfig, load_pretrain_config  # noqa: E402
 from fcmae.pretraining import PretrainingRun  # noqa: E402
 from fcmae.transforms import PretrainTransform  # noqa: E402
@@ -107,8 +113,10 @@ def decode_ms(source: ImageSource, cfg: DataConfig, count: int) -> float:
 
 def loader_images_per_s(cfg: DataConfig, source: ImageSource, batch_size: int, batches: int) -> float:
     """Images/s of the real pretraining loader, timed after the first wave (one batch per worker)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = build_pretrain_loader(cfg, source, in_chans=3, batch_size=batch_size, accumulation=1, rank=0,
-                                   world_size=1, seed=0, pin_memory=torch.cuda.is_available())
+                                   world_size=1, seed=0, pin_memory=device.type == "cuda",
+                                   decode_device=decode_device(cfg, device))
     wave = max(cfg.num_workers, 1)
     stamps = []
     for _ in loader.epoch(0):
@@ -149,33 +157,50 @@ def run_config(args: argparse.Namespace, output_dir: str) -> PretrainConfig:
     return load_pretrain_config(path if path.exists() else None, [
         f"model.name=convnextv2_{args.size}", f"model.backend={args.backend}", f"output_dir={output_dir}",
         f"data.input_size={args.input_size}", f"data.num_workers={args.workers}", f"train.batch_size={args.batch_size}",
-        f"train.compile={str(args.compile).lower()}", "log.trackers=[]", "log.progress_bar=false",
+        f"data.decode_device={args.decode_device}", f"train.compile={str(args.compile).lower()}", "log.trackers=[]",
+        "log.progress_bar=false",
     ])
 
 
-def measure_training(args: argparse.Namespace, source: ImageSource) -> dict[str, float]:
-    """Synthetic then real images/s through one run's training loop (compiled once, by the synthetic warm-up)."""
+def prefetched_batches(workers: int) -> int:
+    """Batches a loader holds ready when its consumer pauses: ``prefetch_factor`` (2) per worker, plus the one
+    in the pinning thread."""
+    return 2 * max(workers, 1) + 1
+
+
+def measure_training(args: argparse.Namespace, source: ImageSource) -> dict:
+    """Synthetic and real images/s through one run's training loop, alternately for ``args.rounds`` rounds
+    (compiled once, by the first synthetic warm-up); medians, their ratio, and every round."""
     with tempfile.TemporaryDirectory() as output_dir:
         run = PretrainingRun(run_config(args, output_dir), dataset=source.dataset)
         pin = run.accelerator.device.type == "cuda"
-        synthetic = train_images_per_s(run, synthetic_batches(args.batch_size, args.input_size, pin),
-                                       args.warmup, args.steps)
-        real = train_images_per_s(run, run.loader.epoch(0), max(args.workers, 1), args.steps)
+        real_batches = run.loader.epoch(0)
+        synthetic, real = [], []
+        for round_index in range(args.rounds):
+            synthetic.append(train_images_per_s(run, synthetic_batches(args.batch_size, args.input_size, pin),
+                                                args.warmup if round_index == 0 else 2, args.steps))
+            real.append(train_images_per_s(run, real_batches, prefetched_batches(args.workers), args.steps))
         device = run.accelerator.device
         precision = run.accelerator.mixed_precision
-    return {"synthetic": synthetic, "real": real, "ratio": real / synthetic, "device_type": device.type,
-            "precision": precision}
+    medians = statistics.median(synthetic), statistics.median(real)
+    per_round = [r / s for r, s in zip(real, synthetic, strict=True)]
+    return {"synthetic": medians[0], "real": medians[1], "ratio": medians[1] / medians[0],
+            "rounds": {"synthetic": synthetic, "real": real, "ratio": per_round},
+            "device_type": device.type, "precision": precision}
 
 
 def print_table(results: dict) -> None:
     print(f"{'measurement':34} {'value':>10}")
     for reduced, ms in results["decode_ms"].items():
         print(f"{'decode+crop, reduced_decode=' + reduced:34} {ms:8.2f} ms/image")
-    print(f"{'loader (' + str(results['settings']['workers']) + ' workers)':34} {results['loader']:8.1f} img/s")
+    settings = results["settings"]
+    loader = f"loader ({settings['workers']} workers, {settings['decode_device']})"
+    print(f"{loader:34} {results['loader']:8.1f} img/s")
     train = results["train"]
-    print(f"{'train, synthetic uint8 input':34} {train['synthetic']:8.1f} img/s")
-    print(f"{'train, real loader':34} {train['real']:8.1f} img/s")
+    print(f"{'train, synthetic uint8 input':34} {train['synthetic']:8.1f} img/s (median of {settings['rounds']})")
+    print(f"{'train, real loader':34} {train['real']:8.1f} img/s (median of {settings['rounds']})")
     print(f"{'real / synthetic':34} {train['ratio']:8.3f}")
+    print(f"{'per round':34} " + " ".join(f"{r:.3f}" for r in train["rounds"]["ratio"]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -187,10 +212,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="native", choices=["native", "dense", "minkowski"])
     p.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile through accelerate)")
     p.add_argument("--workers", type=int, default=16, help="data.num_workers")
+    p.add_argument("--decode-device", default="cpu", choices=["cpu", "cuda"], help="data.decode_device")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=20, help="synthetic optimizer steps before timing (compiles)")
-    p.add_argument("--steps", type=int, default=200, help="timed optimizer steps, synthetic and real alike")
+    p.add_argument("--steps", type=int, default=200, help="timed optimizer steps per round, synthetic and real alike")
+    p.add_argument("--rounds", type=int, default=3, help="alternating synthetic / real rounds")
     p.add_argument("--loader-batches", type=int, default=100, help="timed batches of the loader alone")
     p.add_argument("--decode-images", type=int, default=200, help="items timed for the per-image decode cost")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -200,6 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.images, args.image_scale, args.size, args.input_size, args.batch_size = 12, 0.25, "test", 64, 4
         args.workers, args.warmup, args.steps, args.loader_batches, args.decode_images = 0, 1, 2, 2, 4
+        args.rounds, args.decode_device = 2, "cpu"
     return args
 
 
@@ -207,9 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every measurement; print a table; write JSON when asked. Returns the results."""
     args = parse_args(argv)
     make_jpeg_folder(args.data, args.images, args.image_scale)
-    needed = (max(args.workers, 1) + max(args.steps, args.loader_batches) + 1) * args.batch_size
+    train_batches = args.rounds * (prefetched_batches(args.workers) + args.steps)
+    needed = (max(train_batches, max(args.workers, 1) + args.loader_batches) + 1) * args.batch_size
     source = folder_source(args.data, math.ceil(needed / args.images))
-    cfg = load_pretrain_config(None, [f"data.input_size={args.input_size}", f"data.num_workers={args.workers}"]).data
+    cfg = load_pretrain_config(None, [f"data.input_size={args.input_size}", f"data.num_workers={args.workers}",
+                                      f"data.decode_device={args.decode_device}"]).data
     results = {
         "decode_ms": {str(on).lower(): decode_ms(source, dataclasses.replace(cfg, reduced_decode=on),
                                                  args.decode_images) for on in (True, False)},

@@ -233,6 +233,8 @@ def test_input_benchmark_smoke_writes_json(tmp_path):
     train = results["train"]
     assert results["loader"] > 0 and train["synthetic"] > 0 and train["real"] > 0
     assert train["ratio"] == pytest.approx(train["real"] / train["synthetic"])
+    assert len(train["rounds"]["real"]) == len(train["rounds"]["synthetic"]) == 2  # --smoke alternates twice
+    assert train["real"] == pytest.approx(float(np.median(train["rounds"]["real"])))
     saved = json.loads(out.read_text())
     assert saved["meta"]["device"] == "cpu" and saved["settings"]["size"] == "test"
 
