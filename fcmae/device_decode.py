@@ -55,8 +55,8 @@ class EncodedCrop:
 
 
 def device_decodable(img: Image.Image, mode: str) -> bool:
-    """Whether an opened image can be decoded by nvJPEG into ``mode`` as PIL would: an undecoded baseline or
-    progressive JPEG in L or RGB, without EXIF rotation, for an L or RGB target."""
+    """Whether an opened image can be decoded by nvJPEG into ``mode`` as PIL would: an undecoded JPEG in L or
+    RGB, without EXIF rotation, for an L or RGB target."""
     return mode in _READ_MODES and img.mode in _READ_MODES and can_reduce(img)
 
 
@@ -83,9 +83,10 @@ class EncodedPretrainImages(PretrainImages):
             if data is None:
                 return self.transform(img, generator, self.mode)
             plan = self.transform.plan(img.width, img.height, generator)
+            crop = EncodedCrop(data, img.width * img.height, plan.box, plan.flip, key)
             channels = ["channels"] if img.mode != self.mode else []
             img.close()
-            return EncodedCrop(data, img.width * img.height, plan.box, plan.flip, key), channels + plan.notes
+            return crop, channels + plan.notes
 
         x, _, issues = first_good(lambda i: self.dataset[i][self.column], index, len(self), plan_or_decode,
                                   self.max_bad)
