@@ -17,6 +17,7 @@ does that. The collate also runs on a CPU device, which the tests use.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +27,22 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from fcmae.data import PretrainImages, collate_examples, first_good
-from fcmae.images import can_reduce, open_image
+from fcmae.images import BadImageError, can_reduce, open_image
 from fcmae.transforms import keyed_generator, resized_crop_pixels
 
-_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
+DEVICE_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
 _END_OF_IMAGE = b"\xff\xd9"
-# Decoded pixels held at once per decode call: bounds the device memory a batch of huge photos needs.
+_TAIL = 4096  # bytes at a file's end searched for the end-of-image marker (padding or a trailer may follow it)
+# Decoded pixels held at once per decode call (or one larger image): bounds the device memory a batch of
+# huge photos needs.
 DECODE_PIXELS_PER_CALL = 1 << 26
+# Device memory a worker keeps cached between batches; above it the cache goes back to the driver after a
+# decode call, since the training process cannot use what a worker holds.
+WORKER_CACHE_BYTES = 1 << 30
+# Faults of the device, not of a file: they stop the run rather than send every file to the CPU.
+_DEVICE_FAULTS = (torch.OutOfMemoryError, torch.AcceleratorError)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,15 +67,24 @@ class EncodedCrop:
 def device_decodable(img: Image.Image, mode: str) -> bool:
     """Whether an opened image can be decoded by nvJPEG into ``mode`` as PIL would: an undecoded JPEG in L or
     RGB, without EXIF rotation, for an L or RGB target."""
-    return mode in _READ_MODES and img.mode in _READ_MODES and can_reduce(img)
+    return mode in DEVICE_READ_MODES and img.mode in DEVICE_READ_MODES and can_reduce(img)
 
 
 def jpeg_bytes(img: Image.Image) -> Tensor | None:
-    """The whole file behind an opened, undecoded JPEG as (N,) uint8; None when it lacks the end-of-image
-    marker (truncated files go to PIL, which reports them). PIL can still decode ``img`` afterwards."""
-    img.fp.seek(0)
-    data = img.fp.read()
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data.endswith(_END_OF_IMAGE) else None
+    """The whole file behind an opened, undecoded JPEG as (N,) uint8; None when its last 4 KiB hold no
+    end-of-image marker (a truncated file goes to PIL, which reports it). PIL can still decode ``img`` after.
+
+    Raises:
+        BadImageError: the file cannot be read.
+    """
+    try:
+        img.fp.seek(0)
+        data = img.fp.read()
+    except OSError as e:
+        raise BadImageError("unreadable", f"cannot read: {e.strerror or e}") from None
+    if data.rfind(_END_OF_IMAGE, max(0, len(data) - _TAIL)) < 0:
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 class EncodedPretrainImages(PretrainImages):
@@ -109,6 +128,7 @@ class DeviceCropCollate:
 
     def __init__(self, size: int, device: torch.device, images: EncodedPretrainImages):
         self.size, self.device, self.images = size, device, images
+        self.refused = 0
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         encoded = [i for i, item in enumerate(items) if "encoded" in item]
@@ -129,29 +149,43 @@ class DeviceCropCollate:
             done = [self._crop(img, e) for img, e in zip(decoded, chunk, strict=True) if img is not None]
             on_cpu = iter(torch.stack(done).cpu().unbind(0) if done else ())
             crops += [None if img is None else next(on_cpu) for img in decoded]
+            self._release_cache()
         return crops
 
     def _decode(self, chunk: list[EncodedCrop]) -> list[Tensor | None]:
-        mode = _READ_MODES[self.images.mode]
         try:
-            return decode_jpeg([e.data for e in chunk], mode=mode, device=self.device)
+            return decode_jpeg([e.data for e in chunk], mode=self._read_mode(), device=self.device)
+        except _DEVICE_FAULTS:
+            raise
         except RuntimeError:  # one bad file fails the call: find it
-            return [_decode_one(e.data, mode, self.device) for e in chunk]
+            return [self._decode_one(e) for e in chunk]
+
+    def _decode_one(self, e: EncodedCrop) -> Tensor | None:
+        try:
+            return decode_jpeg(e.data, mode=self._read_mode(), device=self.device)
+        except _DEVICE_FAULTS:
+            raise
+        except RuntimeError as err:
+            self.refused += 1
+            if self.refused == 1:
+                logger.warning("the device decoder refused sample %s (%s); it and any later refusals in this worker "
+                               "are decoded on the CPU", e.key, err)
+            return None
+
+    def _read_mode(self) -> ImageReadMode:
+        return DEVICE_READ_MODES[self.images.mode]
+
+    def _release_cache(self) -> None:
+        if self.device.type == "cuda" and torch.cuda.memory_reserved(self.device) > WORKER_CACHE_BYTES:
+            torch.cuda.empty_cache()
 
     def _crop(self, img: Tensor, e: EncodedCrop) -> Tensor:
         pixels = resized_crop_pixels(img, e.box, self.size)
         return pixels.flip(-1) if e.flip else pixels
 
 
-def _decode_one(data: Tensor, mode: ImageReadMode, device: torch.device) -> Tensor | None:
-    try:
-        return decode_jpeg(data, mode=mode, device=device)
-    except RuntimeError:
-        return None
-
-
 def _chunks(encoded: list[EncodedCrop], pixels_per_chunk: int) -> list[list[EncodedCrop]]:
-    """Consecutive runs of ``encoded`` of at most ``pixels_per_chunk`` image pixels (at least one image each)."""
+    """Consecutive runs of ``encoded`` of at most ``pixels_per_chunk`` image pixels, or one larger image."""
     chunks: list[list[EncodedCrop]] = []
     total = pixels_per_chunk
     for e in encoded:

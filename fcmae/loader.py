@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from fcmae.config import ConfigError
 from fcmae.data import ImageSource, PretrainImages, StreamingPretrainImages, collate_examples
-from fcmae.device_decode import DeviceCropCollate, EncodedPretrainImages
+from fcmae.device_decode import DEVICE_READ_MODES, DeviceCropCollate, EncodedPretrainImages
 from fcmae.images import MODES_BY_CHANNELS, BadImageError, decode_image
 from fcmae.pretrain_config import DataConfig
 from fcmae.transforms import EvalTransform, PretrainTransform, keyed_generator
@@ -124,8 +124,8 @@ def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int
             :mod:`fcmae.device_decode`; workers start with ``spawn``); None decodes on the CPU.
 
     Raises:
-        ConfigError: fewer images than one global batch, a stream of unknown size, or a stream with
-            ``decode_device``.
+        ConfigError: fewer images than one global batch, a stream of unknown size, or ``decode_device`` with
+            a stream or with RGBA input.
     """
     transform = PretrainTransform(cfg.input_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.reduced_decode)
     kwargs = dict(num_workers=cfg.num_workers, collate_fn=collate_examples, pin_memory=pin_memory,
@@ -149,6 +149,9 @@ def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int
         kwargs["persistent_workers"] = cfg.num_workers > 0
         if decode_device is None:
             dataset = PretrainImages(source, transform, cfg, in_chans, seed)
+        elif MODES_BY_CHANNELS[in_chans] not in DEVICE_READ_MODES:
+            raise ConfigError("data.decode_device", f"the GPU decodes RGB or grayscale JPEGs, not the "
+                                                    f"{MODES_BY_CHANNELS[in_chans]} of in_chans={in_chans} (use cpu)")
         else:
             dataset = EncodedPretrainImages(source, transform, cfg, in_chans, seed)
             kwargs["collate_fn"] = DeviceCropCollate(cfg.input_size, decode_device, dataset)

@@ -11,7 +11,8 @@ Measurements on one folder of ImageNet-like JPEGs (generated once into ``--data`
   by the real loader, alternately for ``--rounds`` rounds; real / synthetic of the medians is the input
   pipeline's efficiency. Alternating spreads the host's drift (the synthetic loop alone moves by 10%
   within one process) over both. A real round first drains, untimed, the batches its workers prefetched
-  while the synthetic round ran.
+  while the synthetic round ran; a synthetic round after a real one waits as many steps, untimed, while
+  the workers refill that queue.
 
 The folder's file list is repeated so that one epoch outlasts warm-up and measurement: an epoch end
 stalls every worker at once, which a real corpus (thousands of batches per epoch) almost never sees.
@@ -177,8 +178,11 @@ def measure_training(args: argparse.Namespace, source: ImageSource) -> dict:
         real_batches = run.loader.epoch(0)
         synthetic, real = [], []
         for round_index in range(args.rounds):
+            # After a real round its workers refill their prefetch queue. They outrun the loop, so they are done
+            # within as many untimed steps as the queue holds.
+            settle = args.warmup if round_index == 0 else prefetched_batches(args.workers) + 2
             synthetic.append(train_images_per_s(run, synthetic_batches(args.batch_size, args.input_size, pin),
-                                                args.warmup if round_index == 0 else 2, args.steps))
+                                                settle, args.steps))
             real.append(train_images_per_s(run, real_batches, prefetched_batches(args.workers), args.steps))
         device = run.accelerator.device
         precision = run.accelerator.mixed_precision
@@ -223,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--smoke", action="store_true", help="test model, a few small images, CPU-sized (for tests)")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        p.error("--rounds and --steps must be >= 1")
     args.image_scale = 1.0
     if args.smoke:
         args.images, args.image_scale, args.size, args.input_size, args.batch_size = 12, 0.25, "test", 64, 4
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every measurement; print a table; write JSON when asked. Returns the results."""
     args = parse_args(argv)
     make_jpeg_folder(args.data, args.images, args.image_scale)
-    train_batches = args.rounds * (prefetched_batches(args.workers) + args.steps)
+    train_batches = args.rounds * (prefetched_batches(args.workers) + args.steps)  # real rounds only
     needed = (max(train_batches, max(args.workers, 1) + args.loader_batches) + 1) * args.batch_size
     source = folder_source(args.data, math.ceil(needed / args.images))
     cfg = load_pretrain_config(None, [f"data.input_size={args.input_size}", f"data.num_workers={args.workers}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import datasets
 import numpy as np
@@ -13,7 +14,8 @@ from PIL import Image
 import fcmae.device_decode as device_decode
 from fcmae.config import ConfigError
 from fcmae.data import ImageSource, PretrainImages
-from fcmae.device_decode import DeviceCropCollate, EncodedPretrainImages, _chunks
+from fcmae.device_decode import DeviceCropCollate, EncodedPretrainImages, _chunks, jpeg_bytes
+from fcmae.images import BadImageError
 from fcmae.loader import build_pretrain_loader, decode_device
 from fcmae.pretrain_config import DataConfig
 from fcmae.transforms import PretrainTransform
@@ -109,7 +111,28 @@ def test_images_nvjpeg_is_not_given_are_decoded_on_the_cpu_and_reported_alike():
     assert "converted:exif" in kinds and "converted:color-space" in kinds and "skipped:corrupt" in kinds
 
 
-def test_a_file_the_device_decoder_refuses_is_redone_on_the_cpu(monkeypatch):
+def test_progressive_jpegs_and_bytes_after_the_end_marker_stay_on_the_device():
+    files = [encoded(photo(120, 90, 8), progressive=True), encoded(photo(100, 70, 9)) + b"\0" * 1000]
+    on_device, on_cpu = datasets_pair(files)
+    keys = [(0, 0), (0, 1)]
+    assert all("encoded" in on_device[k] for k in keys)
+    got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
+    assert torch.equal(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+
+
+def test_a_file_that_cannot_be_read_is_reported_unreadable():
+    class FailingFile(io.BytesIO):
+        def read(self, *args):
+            raise OSError(5, "Input/output error")
+
+    img = Image.open(io.BytesIO(JPEGS[0]))
+    img.fp = FailingFile(JPEGS[0])
+    with pytest.raises(BadImageError, match="Input/output error") as info:
+        jpeg_bytes(img)
+    assert info.value.kind == "unreadable"
+
+
+def test_a_file_the_device_decoder_refuses_is_redone_on_the_cpu(monkeypatch, caplog):
     refused = JPEGS[1]
     real_decode = device_decode.decode_jpeg
     calls = []
@@ -124,9 +147,35 @@ def test_a_file_the_device_decoder_refuses_is_redone_on_the_cpu(monkeypatch):
     monkeypatch.setattr(device_decode, "decode_jpeg", picky_decode)
     on_device, on_cpu = datasets_pair(JPEGS)
     keys = [(1, i) for i in range(len(JPEGS))]
-    got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
+    with caplog.at_level(logging.WARNING, logger="fcmae.device_decode"):
+        got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
     assert calls == [4, 1, 1, 1, 1]  # the batch call fails, then one call per file
     assert torch.equal(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "the device decoder refused sample (1, 1) (nvjpeg refused it); it and any later refusals in this worker "
+        "are decoded on the CPU"]
+
+
+@pytest.mark.parametrize("fault", [torch.OutOfMemoryError, torch.AcceleratorError])
+def test_device_faults_stop_the_run_instead_of_falling_back(monkeypatch, fault):
+    def failing_decode(data, **kwargs):
+        raise fault("device fault")
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", failing_decode)
+    on_device, _ = datasets_pair(JPEGS)
+    with pytest.raises(fault):
+        collate_keys(on_device, [(0, 0), (0, 1)])
+
+
+def test_a_worker_returns_its_cached_device_memory_above_the_limit(monkeypatch):
+    on_device, _ = datasets_pair(JPEGS)
+    collate = DeviceCropCollate(SIZE, torch.device("cuda", 0), on_device)
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    for reserved in (device_decode.WORKER_CACHE_BYTES, device_decode.WORKER_CACHE_BYTES + 1):
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device, r=reserved: r)
+        collate._release_cache()
+    assert emptied == [True]
 
 
 def test_decode_calls_are_bounded_in_pixels_and_give_the_same_batch(monkeypatch):
@@ -160,6 +209,13 @@ def test_decode_device_is_checked_against_the_run():
         decode_device(DataConfig(decode_device="cuda"), CPU)
     with pytest.raises(ConfigError, match="decode_device"):
         DataConfig(decode_device="gpu").validate()
+
+
+def test_rgba_input_refuses_device_decoding():
+    cfg = DataConfig(input_size=SIZE)
+    with pytest.raises(ConfigError, match="decode_device.*RGBA of in_chans=4"):
+        build_pretrain_loader(cfg, source_of(JPEGS * 2), in_chans=4, batch_size=2, accumulation=1, rank=0,
+                              world_size=1, seed=0, decode_device=CPU)
 
 
 def test_streaming_datasets_refuse_device_decoding():

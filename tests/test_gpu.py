@@ -153,7 +153,7 @@ def test_nvjpeg_crops_are_close_to_the_cpu_paths():
     assert got["issues"] == want["issues"] and got["pixel_values"].device.type == "cpu"
     mean, worst = _pixel_diff(got["pixel_values"], want["pixel_values"])
     print(f"nvjpeg vs cpu: mean {mean:.3f}, max {worst} levels")
-    assert mean < 1.0 and worst <= 16
+    assert mean < 0.25 and worst <= 4  # measured on an H200: 0.074 and 1; a crop 2 px off gives about 1.3 and 6
 
 
 def test_loader_decoding_on_cuda_in_spawned_workers():
@@ -170,4 +170,4 @@ def test_loader_decoding_on_cuda_in_spawned_workers():
     assert len(batches) == 4
     for got, want in batches:
         mean, worst = _pixel_diff(got["pixel_values"], want["pixel_values"])
-        assert got["issues"] == want["issues"] and mean < 1.0 and worst <= 16
+        assert got["issues"] == want["issues"] and mean < 0.25 and worst <= 4
