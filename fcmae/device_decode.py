@@ -8,8 +8,9 @@ training process uint8 ``(B, C, S, S)`` CPU pixels, as CPU decoding does. The wo
 reading files, so two or three workers feed what a dozen CPU-decoding workers do.
 
 Images nvJPEG is not given go through the CPU path in the same worker: not a JPEG, an EXIF rotation, a
-CMYK JPEG, a file without its end-of-image marker (likely truncated, which PIL reports), or a file the
-device decoder refuses. So broken files are skipped and reported exactly as on the CPU.
+CMYK JPEG, a file with no end-of-image marker in its last 4 KiB (likely truncated, which PIL reports), or
+a file the device decoder refuses. So broken files are skipped and reported as on the CPU, unless nvJPEG
+decodes one despite its damage. Device faults (out of memory, a failed kernel) stop the run instead.
 
 Workers that touch CUDA must be started with ``spawn``; :func:`fcmae.loader.build_pretrain_loader`
 does that. The collate also runs on a CPU device, which the tests use.
