@@ -66,6 +66,8 @@ class Engine:
         stop_after_nonfinite: consecutive non-finite steps that stop the run.
         issues: where the data issues reported by each batch are counted.
         mean, std: per-channel normalisation of the uint8 ``pixel_values``, applied on the device.
+        cuda_graphs: the compiled model captures CUDA graphs; each optimizer step starts a new graph
+            iteration (its micro-batches share one, so the gradients they accumulate stay valid).
     """
 
     accelerator: Accelerator
@@ -80,6 +82,7 @@ class Engine:
     issues: DataIssues
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    cuda_graphs: bool = False
 
     def train_one_epoch(self, batches: Iterable[dict[str, Any]], on_step: Callable[[StepStats], bool]) -> bool:
         """Run the micro-batches of one epoch; ``on_step`` after each optimizer step returns True to stop.
@@ -104,6 +107,8 @@ class Engine:
             # FCMAE draws the mask from this generator itself, so it can promise the backend a fixed
             # visible count per sample (no host sync to count them).
             generator = self.mask_generator()
+            if self.cuda_graphs and micro == 0:  # the last step's graph outputs are read; their memory may go
+                torch.compiler.cudagraph_mark_step_begin()
             with acc.accumulate(self.model):
                 loss = self.model(imgs, generator=generator).loss
                 acc.backward(loss)

@@ -139,6 +139,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model (through accelerate's dynamo backend)
+    # torch.compile mode; reduce-overhead and max-autotune also capture CUDA graphs on a GPU (one graph
+    # replay per step instead of thousands of kernel launches from Python)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     seed: int = 0
     stop_after_nonfinite: int = 5  # consecutive non-finite steps (each skipped) that stop the run
 
@@ -148,6 +151,13 @@ class TrainConfig:
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         _check(self.stop_after_nonfinite >= 1, "stop_after_nonfinite", "must be >= 1")
+        _check(self.compile or self.compile_mode == "default", "compile_mode",
+               f"{self.compile_mode} needs train.compile=true")
+
+    @property
+    def captures_cuda_graphs(self) -> bool:
+        """Whether the compiled model captures CUDA graphs (on a CUDA device)."""
+        return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 @dataclass

@@ -20,8 +20,9 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, gather_object, set_seed
 from safetensors.torch import save_file
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 import fcmae
 from fcmae.config import ConfigError, flatten_config, save_config
@@ -67,7 +68,8 @@ def prepare_run_dir(path: str) -> Path:
 
 
 def build_accelerator(cfg: PretrainConfig, run_dir: Path) -> Accelerator:
-    """Accelerator with the run's precision, accumulation, trackers and (optionally) torch.compile."""
+    """Accelerator with the run's precision, accumulation, trackers and (optionally) torch.compile in
+    ``train.compile_mode``."""
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -80,7 +82,7 @@ def build_accelerator(cfg: PretrainConfig, run_dir: Path) -> Accelerator:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=default_trackers(cfg.log.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tracking")),
-        dynamo_backend="inductor" if cfg.train.compile else None,
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode) if cfg.train.compile else None,
         step_scheduler_with_optimizer=False,
     )
     if accelerator.num_processes != world_size:
@@ -164,7 +166,7 @@ class PretrainingRun:
         cfg = self.cfg
         return Engine(self.accelerator, self.model, self.optimizer, self.schedule, self.state, cfg.train.seed,
                       self.global_batch, cfg.optim.clip_grad, cfg.train.stop_after_nonfinite, self.issues,
-                      tuple(cfg.data.mean), tuple(cfg.data.std))
+                      tuple(cfg.data.mean), tuple(cfg.data.std), cuda_graphs=cfg.train.captures_cuda_graphs)
 
     def _announce(self, resumed: Path | None) -> None:
         acc, tc = self.accelerator, self.cfg.train
@@ -242,6 +244,7 @@ class PretrainingRun:
     def _export_weights(self) -> None:
         """Write weights/fcmae.safetensors and weights/encoder.safetensors (every process calls this)."""
         state_dict = self.accelerator.get_state_dict(self.model)
+        consume_prefix_in_state_dict_if_present(state_dict, "_orig_mod.")  # train.compile's wrapper
         if not self.accelerator.is_main_process:
             return
         full = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}

@@ -7,8 +7,9 @@ Measurements on one folder of ImageNet-like JPEGs (generated once into ``--data`
 * ``loader``: images/s through ``fcmae.loader.build_pretrain_loader`` (``--workers`` processes, decoding
   on ``--decode-device``, pinned memory on CUDA), counted after the first wave of batches (one per worker);
 * ``train``: images/s of ``Engine.train_one_epoch`` in a ``PretrainingRun`` (the run's accelerator,
-  precision, channels-last and optional compile), fed by synthetic uint8 batches of the same shape, then
-  by the real loader, alternately for ``--rounds`` rounds; real / synthetic of the medians is the input
+  precision, channels-last and optional compile: ``--compile`` in the default mode, ``--compile
+  reduce-overhead`` with CUDA graphs), fed by synthetic uint8 batches of the same shape, then by the real
+  loader, alternately for ``--rounds`` rounds; real / synthetic of the medians is the input
   pipeline's efficiency. Alternating spreads the host's drift (the synthetic loop alone moves by 10%
   within one process) over both. A real round first drains, untimed, the batches its workers prefetched
   while the synthetic round ran; a synthetic round after a real one waits as many steps, untimed, while
@@ -158,8 +159,8 @@ def run_config(args: argparse.Namespace, output_dir: str) -> PretrainConfig:
     return load_pretrain_config(path if path.exists() else None, [
         f"model.name=convnextv2_{args.size}", f"model.backend={args.backend}", f"output_dir={output_dir}",
         f"data.input_size={args.input_size}", f"data.num_workers={args.workers}", f"train.batch_size={args.batch_size}",
-        f"data.decode_device={args.decode_device}", f"train.compile={str(args.compile).lower()}", "log.trackers=[]",
-        "log.progress_bar=false",
+        f"data.decode_device={args.decode_device}", f"train.compile={str(args.compile is not None).lower()}",
+        f"train.compile_mode={args.compile or 'default'}", "log.trackers=[]", "log.progress_bar=false",
     ])
 
 
@@ -214,7 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=2048, help="JPEG files in the folder")
     p.add_argument("--size", default="tiny", help="convnextv2_<size>")
     p.add_argument("--backend", default="native", choices=["native", "dense", "minkowski"])
-    p.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile through accelerate)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="train.compile=true, in train.compile_mode MODE (default: default)")
     p.add_argument("--workers", type=int, default=16, help="data.num_workers")
     p.add_argument("--decode-device", default="cpu", choices=["cpu", "cuda"], help="data.decode_device")
     p.add_argument("--batch-size", type=int, default=128)

@@ -47,6 +47,8 @@ def test_yaml_then_overrides_with_types_resolved(tmp_path):
     (["train.batch_size=abc"], "train.batch_size", "expected int, got str 'abc'"),
     (["train.batch_size=1.5"], "train.batch_size", "expected int"),
     (["train.compile=1"], "train.compile", "expected bool"),
+    (["train.compile_mode=reduce-overhead"], "train.compile_mode", "needs train.compile=true"),
+    (["train.compile=true", "train.compile_mode=fast"], "train.compile_mode", "must be one of"),
     (["model.name=7"], "model.name", "expected str"),
     (["train.mixed_precision=fp8"], "train.mixed_precision", "must be one of"),
     (["data.crop_scale=[0.2]"], "data.crop_scale", "expected 2 values"),

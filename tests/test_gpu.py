@@ -171,3 +171,30 @@ def test_loader_decoding_on_cuda_in_spawned_workers():
     for got, want in batches:
         mean, worst = _pixel_diff(got["pixel_values"], want["pixel_values"])
         assert got["issues"] == want["issues"] and mean < 0.25 and worst <= 4
+
+
+def test_pretraining_with_cuda_graphs_matches_default_compile(tmp_path):
+    """``train.compile_mode=reduce-overhead`` with gradient accumulation: the same losses and weights as the
+    default mode (the same inductor kernels, replayed from graphs), through checkpoints and the preview."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fcmae.pretraining import run_pretraining
+    from tests.pretrain_helpers import reset_accelerate, tiny_config
+
+    results = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        cfg = tiny_config(tmp_path / mode, "data.generated_images=48", "train.batch_size=4",
+                          "train.gradient_accumulation_steps=2", "train.max_steps=5", "train.compile=true",
+                          f"train.compile_mode={mode}", "log.preview_every_steps=2", "checkpoint.every_steps=2")
+        run_dir = run_pretraining(cfg)
+        reset_accelerate()
+        lines = map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+        losses = [e["train/loss"] for e in lines if e["event"] == "metrics"]
+        results[mode] = losses, load_file(run_dir / "weights" / "encoder.safetensors")
+    (losses, weights), (graph_losses, graph_weights) = results["default"], results["reduce-overhead"]
+    assert len(losses) == len(graph_losses) == 5
+    assert torch.allclose(torch.tensor(graph_losses), torch.tensor(losses), rtol=1e-3, atol=0)
+    assert max(relative_error(graph_weights[k], weights[k]) for k in weights) < 1e-3

@@ -129,3 +129,41 @@ def test_resume_into_another_runs_folder_is_a_clear_error(tmp_path):
                         "model.decoder_embed_dim=24")
     with pytest.raises(ResumeError, match="does not fit this run .*new folder.*checkpoint.resume=false"):
         run_pretraining(other)
+
+
+def test_compile_mode_reaches_accelerate(tmp_path):
+    from fcmae.pretraining import build_accelerator
+
+    cfg = tiny_config(tmp_path / "run", "train.compile=true", "train.compile_mode=reduce-overhead")
+    assert cfg.train.captures_cuda_graphs
+    assert build_accelerator(cfg, tmp_path / "run").state.dynamo_plugin.mode == "reduce-overhead"
+
+
+def test_cuda_graph_iterations_begin_once_per_optimizer_step(tmp_path, monkeypatch):
+    """With accumulation, the micro-batches of one step share a graph iteration: the gradients of the first
+    live in graph memory until the optimizer step reads them."""
+    import dataclasses
+
+    from fcmae.pretraining import PretrainingRun
+
+    cfg = tiny_config(tmp_path / "run", "data.generated_images=24", "train.batch_size=2",
+                      "train.gradient_accumulation_steps=3")
+    run = PretrainingRun(cfg)
+    micro_batches_seen = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin",
+                        lambda: micro_batches_seen.append(run.state.batch_in_epoch))
+    steps = []
+    engine = dataclasses.replace(run.engine(), cuda_graphs=True)
+    engine.train_one_epoch(run.loader.epoch(0), lambda stats: steps.append(stats) or len(steps) == 3)
+    assert micro_batches_seen == [0, 3, 6]
+    assert all(torch.isfinite(torch.tensor(s.loss)) for s in steps)
+
+
+def test_compiled_run_exports_unprefixed_weights(tmp_path):
+    """``train.compile`` wraps the model (``_orig_mod.``); the exported files keep the plain model's keys."""
+    cfg = tiny_config(tmp_path / "run", "data.generated_images=8", "train.max_steps=1", "train.compile=true",
+                      "model.backend=dense")  # inductor compiles dense on the CPU
+    weights = run_pretraining(cfg) / "weights"
+    reference = models.create_model("convnextv2_test", with_head=False).state_dict()
+    assert set(load_file(weights / "encoder.safetensors")) == set(reference)
+    assert all(not k.startswith("_orig_mod.") for k in load_file(weights / "fcmae.safetensors"))
