@@ -1,24 +1,32 @@
-"""Training JPEGs decoded, cropped and flipped on a GPU inside the loader workers (``data.decode_device=cuda``).
+"""Training JPEGs decoded, cropped and flipped on the training GPU (``data.decode_device=cuda``).
 
-A worker reads each file's header and bytes and draws the sample's crop and flip from the sample's keyed
-generator before any pixel is decoded, exactly as the CPU path does (:meth:`PretrainTransform.plan`).
-The batch's collate then decodes all its JPEGs with nvJPEG (``torchvision.io.decode_jpeg`` on the
-device, one call per chunk), crops, resizes (bicubic, antialiased) and flips them there, and hands the
-training process uint8 ``(B, C, S, S)`` CPU pixels, as CPU decoding does. The work left on the CPU is
-reading files, so two or three workers feed what a dozen CPU-decoding workers do.
+Loader workers read each file's header and bytes and draw the sample's crop and flip from the sample's
+keyed generator before any pixel is decoded, exactly as the CPU path does
+(:meth:`PretrainTransform.plan`). Their collate packs a batch's files into one byte buffer
+(:func:`pack_encoded`), so the workers stay plain CPU processes. In the training process,
+:func:`decode_ahead` runs :class:`DeviceCropDecoder` in a background thread on a CUDA stream of its own,
+a few batches ahead of the loop: nvJPEG (``torchvision.io.decode_jpeg`` on the device; the GPU's hardware
+JPEG decoder where it has one) decodes the batch's files, and the same stream crops, resizes (bicubic,
+antialiased) and flips them. The loop gets uint8 ``(B, C, S, S)`` pixels already on the GPU. One CUDA
+context does all the work, so decoding overlaps the training kernels instead of taking turns with them.
 
-Images nvJPEG is not given go through the CPU path in the same worker: not a JPEG, an EXIF rotation, a
-CMYK JPEG, a file with no end-of-image marker in its last 4 KiB (likely truncated, which PIL reports), or
-a file the device decoder refuses. So broken files are skipped and reported as on the CPU, unless nvJPEG
-decodes one despite its damage. Device faults (out of memory, a failed kernel) stop the run instead.
+Images nvJPEG is not given are decoded on the CPU in the worker, as without this option: not a JPEG, an
+EXIF rotation, a CMYK JPEG, a file with no end-of-image marker in its last 4 KiB (likely truncated, which
+PIL reports). A file the device decoder refuses is redone on the CPU by the decoding thread. So broken
+files are skipped and reported as on the CPU, unless nvJPEG decodes one despite its damage. Device faults
+(out of memory, a failed kernel) stop the run instead.
 
-Workers that touch CUDA must be started with ``spawn``; :func:`fcmae.loader.build_pretrain_loader`
-does that. The collate also runs on a CPU device, which the tests use.
+Everything here also runs on a CPU device (libjpeg-turbo behind ``decode_jpeg``), which the tests use.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,19 +35,20 @@ from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fcmae.data import PretrainImages, collate_examples, first_good
+from fcmae.crop_resize import resize_crops
+from fcmae.data import PretrainImages, first_good
 from fcmae.images import BadImageError, can_reduce, open_image
-from fcmae.transforms import keyed_generator, resized_crop_pixels
+from fcmae.transforms import keyed_generator
 
 DEVICE_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
+_END = object()  # the loader's epoch is over
 _END_OF_IMAGE = b"\xff\xd9"
 _TAIL = 4096  # bytes at a file's end searched for the end-of-image marker (padding or a trailer may follow it)
 # Decoded pixels held at once per decode call (or one larger image): bounds the device memory a batch of
 # huge photos needs.
 DECODE_PIXELS_PER_CALL = 1 << 26
-# Device memory a worker keeps cached between batches; above it the cache goes back to the driver after a
-# decode call, since the training process cannot use what a worker holds.
-WORKER_CACHE_BYTES = 1 << 30
+# Batches decoded ahead of the training loop (each holds its (B, C, S, S) pixels on the device).
+DECODE_AHEAD = 2
 # Faults of the device, not of a file: they stop the run rather than send every file to the CPU.
 _DEVICE_FAULTS = (torch.OutOfMemoryError, torch.AcceleratorError)
 
@@ -48,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EncodedCrop:
-    """A JPEG's bytes and the sample's augmentation, for the collate to decode on the device.
+    """A JPEG's bytes and the sample's augmentation, for the training process to decode on the device.
 
     Attributes:
         data: (N,) uint8, the whole file.
@@ -117,40 +126,77 @@ class EncodedPretrainImages(PretrainImages):
         return super().__getitem__(key)
 
 
-class DeviceCropCollate:
-    """Collate of :class:`EncodedPretrainImages` items: decode, crop and flip on ``device``, then stack like
-    :func:`fcmae.data.collate_examples` into ``{"pixel_values": (B, C, S, S) uint8 CPU, "issues"}``.
+@dataclass
+class EncodedBatch:
+    """A micro-batch as loader workers hand it over: its JPEGs undecoded in one buffer, the rest decoded.
+
+    Attributes:
+        files: (N,) uint8, the batch's JPEG files back to back.
+        sizes: bytes of each file in ``files``.
+        crops: per sample in batch order, its :class:`EncodedCrop` (``data`` empty; the bytes are in
+            ``files``) or None for a sample decoded on the CPU.
+        decoded: (K, C, S, S) uint8, the CPU-decoded samples in batch order ((0,) when none).
+        issues: per sample, what its decoding reported.
+    """
+
+    files: Tensor
+    sizes: list[int]
+    crops: list[EncodedCrop | None]
+    decoded: Tensor
+    issues: list[list[Any]]
+
+
+def pack_encoded(items: list[dict[str, Any]]) -> EncodedBatch:
+    """Collate of :class:`EncodedPretrainImages` items inside a worker: no decoding, one byte buffer."""
+    jpegs = [item["encoded"] for item in items if "encoded" in item]
+    decoded = [item["pixel_values"] for item in items if "encoded" not in item]
+    empty = torch.empty(0, dtype=torch.uint8)
+    return EncodedBatch(
+        files=torch.cat([e.data for e in jpegs]) if jpegs else empty,
+        sizes=[e.data.numel() for e in jpegs],
+        crops=[dataclasses.replace(item["encoded"], data=empty) if "encoded" in item else None for item in items],
+        decoded=torch.stack(decoded) if decoded else empty,
+        issues=[item["issues"] for item in items],
+    )
+
+
+class DeviceCropDecoder:
+    """:class:`EncodedBatch` -> ``{"pixel_values": (B, C, S, S) uint8 on device, "issues"}``, like
+    :func:`fcmae.data.collate_examples` of the CPU path's items.
 
     Args:
         size: output side S.
         device: where to decode (a CUDA device; a CPU device decodes with libjpeg-turbo, for tests).
-        images: the dataset whose items it collates (it redoes refused files on the CPU).
+        images: the dataset whose batches it decodes (it redoes refused files on the CPU).
     """
 
     def __init__(self, size: int, device: torch.device, images: EncodedPretrainImages):
         self.size, self.device, self.images = size, device, images
         self.refused = 0
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        encoded = [i for i, item in enumerate(items) if "encoded" in item]
-        crops = self.crop_on_device([items[i]["encoded"] for i in encoded])
-        items = list(items)
-        for i, crop in zip(encoded, crops, strict=True):
-            if crop is None:  # its own issues (a skipped file, a replacement) come with the CPU item
-                items[i] = self.images.decoded_on_cpu(items[i]["encoded"].key)
-            else:
-                items[i] = {"pixel_values": crop, "issues": items[i]["issues"]}
-        return collate_examples(items)
+    def __call__(self, batch: EncodedBatch) -> dict[str, Any]:
+        jpegs = [dataclasses.replace(crop, data=data) for crop, data in
+                 zip([c for c in batch.crops if c is not None], batch.files.split(batch.sizes), strict=True)]
+        on_device = iter(self.crop_on_device(jpegs))
+        on_cpu = iter(batch.decoded.to(self.device).unbind(0) if batch.decoded.numel() else ())
+        pixels, issues = [], list(batch.issues)
+        for i, crop in enumerate(batch.crops):
+            x = next(on_cpu) if crop is None else next(on_device)
+            if x is None:  # refused: its own issues (a skipped file, a replacement) come with the CPU item
+                item = self.images.decoded_on_cpu(crop.key)
+                x, issues[i] = item["pixel_values"].to(self.device), item["issues"]
+            pixels.append(x)
+        return {"pixel_values": torch.stack(pixels), "issues": [issue for item in issues for issue in item]}
 
     def crop_on_device(self, encoded: list[EncodedCrop]) -> list[Tensor | None]:
-        """(C, S, S) uint8 CPU crops in order; None where the device decoder refused the file."""
+        """(C, S, S) uint8 crops on the device, in order; None where the device decoder refused the file."""
         crops: list[Tensor | None] = []
         for chunk in _chunks(encoded, DECODE_PIXELS_PER_CALL):
             decoded = self._decode(chunk)
-            done = [self._crop(img, e) for img, e in zip(decoded, chunk, strict=True) if img is not None]
-            on_cpu = iter(torch.stack(done).cpu().unbind(0) if done else ())
-            crops += [None if img is None else next(on_cpu) for img in decoded]
-            self._release_cache()
+            done = [(img, e) for img, e in zip(decoded, chunk, strict=True) if img is not None]
+            resized = iter(resize_crops([_cropped(img, e.box) for img, e in done], self.size,
+                                        [e.flip for _, e in done]).unbind(0) if done else ())
+            crops += [None if img is None else next(resized) for img in decoded]
         return crops
 
     def _decode(self, chunk: list[EncodedCrop]) -> list[Tensor | None]:
@@ -169,20 +215,73 @@ class DeviceCropCollate:
         except RuntimeError as err:
             self.refused += 1
             if self.refused == 1:
-                logger.warning("the device decoder refused sample %s (%s); it and any later refusals in this worker "
-                               "are decoded on the CPU", e.key, err)
+                logger.warning("the device decoder refused sample %s (%s); it and any later refusals are "
+                               "decoded on the CPU", e.key, err)
             return None
 
     def _read_mode(self) -> ImageReadMode:
         return DEVICE_READ_MODES[self.images.mode]
 
-    def _release_cache(self) -> None:
-        if self.device.type == "cuda" and torch.cuda.memory_reserved(self.device) > WORKER_CACHE_BYTES:
-            torch.cuda.empty_cache()
 
-    def _crop(self, img: Tensor, e: EncodedCrop) -> Tensor:
-        pixels = resized_crop_pixels(img, e.box, self.size)
-        return pixels.flip(-1) if e.flip else pixels
+
+def decode_ahead(batches: Iterable[EncodedBatch], decoder: DeviceCropDecoder,
+                 depth: int = DECODE_AHEAD) -> Iterator[dict[str, Any]]:
+    """``decoder(batch)`` for each of ``batches``, computed up to ``depth`` batches ahead in a background
+    thread (on a high-priority CUDA stream of its own when the decoder's device is a GPU).
+
+    The thread also pulls ``batches`` (the loader's iterator). An error there or in the decoder is
+    raised here, at the batch where it happened. Closing this iterator stops the thread.
+    """
+    device = decoder.device
+    # High priority: the GPU runs the decoder's few small kernels as soon as it can, so the thread does
+    # not wait behind the training step for them; they take little from it.
+    stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for batch in batches:
+                    out = decoder(batch)
+                    done = stream.record_event() if stream is not None else None
+                    if not offer((out, done)):
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            offer(e)
+            return
+        offer(_END)
+
+    thread = threading.Thread(target=work, name="fcmae-device-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            out, done = item
+            if done is not None:  # the loop's stream reads what the decoding stream wrote
+                consumer = torch.cuda.current_stream(device)
+                consumer.wait_event(done)
+                out["pixel_values"].record_stream(consumer)
+            yield out
+    finally:
+        stop.set()
+        if thread is not threading.current_thread():  # a generator collected in a cycle may close in it
+            thread.join()
+
+
+def _cropped(img: Tensor, box: tuple[int, int, int, int]) -> Tensor:
+    top, left, height, width = box
+    return img[:, top:top + height, left:left + width]
 
 
 def _chunks(encoded: list[EncodedCrop], pixels_per_chunk: int) -> list[list[EncodedCrop]]:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from fcmae.config import ConfigError
 from fcmae.data import ImageSource, PretrainImages, StreamingPretrainImages, collate_examples
-from fcmae.device_decode import DEVICE_READ_MODES, DeviceCropCollate, EncodedPretrainImages
+from fcmae.device_decode import DEVICE_READ_MODES, DeviceCropDecoder, EncodedPretrainImages, decode_ahead, pack_encoded
 from fcmae.images import MODES_BY_CHANNELS, BadImageError, decode_image
 from fcmae.pretrain_config import DataConfig
 from fcmae.transforms import EvalTransform, PretrainTransform, keyed_generator
@@ -69,12 +69,15 @@ def lower_worker_priority(worker_id: int) -> None:
 class PretrainLoader:
     """Micro-batches ``{"pixel_values": (B, C, S, S) uint8, "issues": [...]}`` of one epoch at a time.
 
-    Pixels are normalised on the training device (:func:`fcmae.transforms.normalize_pixels`).
+    Pixels are normalised on the training device (:func:`fcmae.transforms.normalize_pixels`). With a
+    ``decoder`` the workers' batches are :class:`fcmae.device_decode.EncodedBatch` es, decoded on the
+    decoder's device a few batches ahead (the pixels arrive there).
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, batches_per_epoch: int, loader_kwargs: dict[str, Any],
-                 sampler: EpochBatchSampler | None = None):
+                 sampler: EpochBatchSampler | None = None, decoder: DeviceCropDecoder | None = None):
         self.dataset, self.batches_per_epoch, self.sampler = dataset, batches_per_epoch, sampler
+        self.decoder = decoder
         if sampler is not None:
             self.loader = DataLoader(dataset, batch_sampler=sampler, **loader_kwargs)
         else:
@@ -82,6 +85,10 @@ class PretrainLoader:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
         """The micro-batches ``start_batch .. batches_per_epoch - 1`` of ``epoch``."""
+        batches = self._worker_batches(epoch, start_batch)
+        return batches if self.decoder is None else decode_ahead(batches, self.decoder)
+
+    def _worker_batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
         wanted = self.batches_per_epoch - start_batch
         if self.sampler is not None:
             self.sampler.set_epoch(epoch, start_batch)
@@ -120,8 +127,8 @@ def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int
     """A :class:`PretrainLoader` over ``source`` for process ``rank`` of ``world_size``.
 
     Args:
-        decode_device: decode JPEGs and crop them on this device inside the workers (see
-            :mod:`fcmae.device_decode`; workers start with ``spawn``); None decodes on the CPU.
+        decode_device: decode JPEGs and crop them on this device in this process, a few batches ahead (see
+            :mod:`fcmae.device_decode`); None decodes on the CPU in the workers.
 
     Raises:
         ConfigError: fewer images than one global batch, a stream of unknown size, or ``decode_device`` with
@@ -147,6 +154,7 @@ def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int
         batches = num_samples // per_step * accumulation
         sampler = EpochBatchSampler(num_samples, batch_size, batches, rank, world_size, seed)
         kwargs["persistent_workers"] = cfg.num_workers > 0
+        decoder = None
         if decode_device is None:
             dataset = PretrainImages(source, transform, cfg, in_chans, seed)
         elif MODES_BY_CHANNELS[in_chans] not in DEVICE_READ_MODES:
@@ -154,10 +162,10 @@ def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int
                                                     f"{MODES_BY_CHANNELS[in_chans]} of in_chans={in_chans} (use cpu)")
         else:
             dataset = EncodedPretrainImages(source, transform, cfg, in_chans, seed)
-            kwargs["collate_fn"] = DeviceCropCollate(cfg.input_size, decode_device, dataset)
-            # CUDA cannot be initialised in a forked child of a process that uses it.
-            kwargs["multiprocessing_context"] = "spawn" if cfg.num_workers > 0 else None
-        loader = PretrainLoader(dataset, batches, kwargs, sampler)
+            # JPEG bytes go to nvJPEG from pageable memory: nothing to pin.
+            kwargs.update(collate_fn=pack_encoded, pin_memory=False)
+            decoder = DeviceCropDecoder(cfg.input_size, decode_device, dataset)
+        loader = PretrainLoader(dataset, batches, kwargs, sampler, decoder)
     if batches == 0:
         raise ConfigError("train.batch_size", f"the corpus has {num_samples} images, fewer than one optimizer step "
                                               f"of {per_step} (batch x processes x accumulation)")

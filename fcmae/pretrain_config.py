@@ -69,7 +69,7 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
     hflip: float = 0.5  # horizontal flip probability
     reduced_decode: bool = True  # decode JPEGs at 1/2, 1/4 or 1/8 size (DCT scaling) when the crop still fits
-    decode_device: str = "cpu"  # cuda: workers decode and crop JPEGs on the training GPU (nvJPEG); 2-4 suffice
+    decode_device: str = "cpu"  # cuda: the training process decodes and crops JPEGs on its GPU (nvJPEG)
     mean: tuple[float, ...] = IMAGENET_MEAN  # per-channel normalisation mean (one value per in_chans)
     std: tuple[float, ...] = IMAGENET_STD  # per-channel normalisation std
     num_workers: int = 4  # DataLoader worker processes per training process

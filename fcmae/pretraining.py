@@ -13,6 +13,7 @@ Run directory (``output_dir``)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -151,9 +152,10 @@ class PretrainingRun:
         engine = self.engine()
         try:
             while state.epoch < cfg.train.epochs and not self._reached_max_steps():
-                batches = self.loader.epoch(state.epoch, state.batch_in_epoch)
-                if engine.train_one_epoch(batches, self._on_step):
-                    break
+                # closed when the epoch ends early: a device decoder's thread stops with it
+                with contextlib.closing(self.loader.epoch(state.epoch, state.batch_in_epoch)) as batches:
+                    if engine.train_one_epoch(batches, self._on_step):
+                        break
                 self._end_of_epoch()
             self._finish()
         finally:

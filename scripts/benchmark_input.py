@@ -4,8 +4,9 @@ Measurements on one folder of ImageNet-like JPEGs (generated once into ``--data`
 
 * ``decode``: ms per image of one training item (read, decode, crop, flip; no loader) in one process on
   the CPU, with ``data.reduced_decode`` on and off;
-* ``loader``: images/s through ``fcmae.loader.build_pretrain_loader`` (``--workers`` processes, decoding
-  on ``--decode-device``, pinned memory on CUDA), counted after the first wave of batches (one per worker);
+* ``loader``: images/s through ``fcmae.loader.build_pretrain_loader`` (``--workers`` processes;
+  ``--decode-device cpu`` decodes in them, with pinned memory on CUDA, ``cuda`` in this process on the
+  GPU), counted after the first wave of batches (one per worker);
 * ``train``: images/s of ``Engine.train_one_epoch`` in a ``PretrainingRun`` (the run's accelerator,
   precision, channels-last and optional compile: ``--compile`` in the default mode, ``--compile
   reduce-overhead`` with CUDA graphs), fed by synthetic uint8 batches of the same shape, then by the real
@@ -22,8 +23,10 @@ On the GPU machine (16 cores)::
 
     python scripts/benchmark_input.py --size tiny --backend native --workers 14 --batch-size 128 --compile \\
         --data /tmp/imagenet_like --json input_pipeline.json
-    python scripts/benchmark_input.py --size tiny --backend native --workers 3 --decode-device cuda \\
+    python scripts/benchmark_input.py --size tiny --backend native --workers 4 --decode-device cuda \\
         --batch-size 128 --compile --data /tmp/imagenet_like --json input_pipeline_nvjpeg.json
+    python scripts/benchmark_input.py --size tiny --backend native --workers 6 --decode-device cuda \\
+        --batch-size 128 --compile reduce-overhead --data /tmp/imagenet_like --json input_pipeline_graphs.json
     python scripts/benchmark_input.py --smoke     # CPU-sized run used by the test suite
 """
 
@@ -50,6 +53,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fcmae.data import ImageSource, PretrainImages, image_folder_dataset  # noqa: E402
+from fcmae.device_decode import DECODE_AHEAD  # noqa: E402
 from fcmae.loader import build_pretrain_loader, decode_device  # noqa: E402
 from fcmae.pretrain_config import DataConfig, PretrainConfig, load_pretrain_config  # noqa: E402
 from fcmae.pretraining import PretrainingRun  # noqa: E402
@@ -164,10 +168,10 @@ def run_config(args: argparse.Namespace, output_dir: str) -> PretrainConfig:
     ])
 
 
-def prefetched_batches(workers: int) -> int:
+def prefetched_batches(workers: int, decode_device: str) -> int:
     """Batches a loader holds ready when its consumer pauses: ``prefetch_factor`` (2) per worker, plus the one
-    in the pinning thread."""
-    return 2 * max(workers, 1) + 1
+    in the pinning thread, or those the device decoder holds (its queue and one in hand)."""
+    return 2 * max(workers, 1) + (DECODE_AHEAD + 1 if decode_device == "cuda" else 1)
 
 
 def measure_training(args: argparse.Namespace, source: ImageSource) -> dict:
@@ -178,13 +182,14 @@ def measure_training(args: argparse.Namespace, source: ImageSource) -> dict:
         pin = run.accelerator.device.type == "cuda"
         real_batches = run.loader.epoch(0)
         synthetic, real = [], []
+        prefetched = prefetched_batches(args.workers, args.decode_device)
         for round_index in range(args.rounds):
             # After a real round its workers refill their prefetch queue. They outrun the loop, so they are done
             # within as many untimed steps as the queue holds.
-            settle = args.warmup if round_index == 0 else prefetched_batches(args.workers) + 2
+            settle = args.warmup if round_index == 0 else prefetched + 2
             synthetic.append(train_images_per_s(run, synthetic_batches(args.batch_size, args.input_size, pin),
                                                 settle, args.steps))
-            real.append(train_images_per_s(run, real_batches, prefetched_batches(args.workers), args.steps))
+            real.append(train_images_per_s(run, real_batches, prefetched, args.steps))
         device = run.accelerator.device
         precision = run.accelerator.mixed_precision
     medians = statistics.median(synthetic), statistics.median(real)
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every measurement; print a table; write JSON when asked. Returns the results."""
     args = parse_args(argv)
     make_jpeg_folder(args.data, args.images, args.image_scale)
-    train_batches = args.rounds * (prefetched_batches(args.workers) + args.steps)  # real rounds only
+    # real rounds only
+    train_batches = args.rounds * (prefetched_batches(args.workers, args.decode_device) + args.steps)
     needed = (max(train_batches, max(args.workers, 1) + args.loader_batches) + 1) * args.batch_size
     source = folder_source(args.data, math.ceil(needed / args.images))
     cfg = load_pretrain_config(None, [f"data.input_size={args.input_size}", f"data.num_workers={args.workers}",

@@ -1,9 +1,10 @@
-"""Decoding and cropping JPEGs on a device inside the loader workers (``data.decode_device``), run on the CPU."""
+"""Decoding and cropping JPEGs on a device in the training process (``data.decode_device``), run on the CPU."""
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
 
 import datasets
 import numpy as np
@@ -14,7 +15,14 @@ from PIL import Image
 import fcmae.device_decode as device_decode
 from fcmae.config import ConfigError
 from fcmae.data import ImageSource, PretrainImages
-from fcmae.device_decode import DeviceCropCollate, EncodedPretrainImages, _chunks, jpeg_bytes
+from fcmae.device_decode import (
+    DeviceCropDecoder,
+    EncodedPretrainImages,
+    _chunks,
+    decode_ahead,
+    jpeg_bytes,
+    pack_encoded,
+)
 from fcmae.images import BadImageError
 from fcmae.loader import build_pretrain_loader, decode_device
 from fcmae.pretrain_config import DataConfig
@@ -59,8 +67,17 @@ def datasets_pair(files: list[bytes], mode: str = "RGB") -> tuple[EncodedPretrai
                  for cls in (EncodedPretrainImages, PretrainImages))
 
 
+def assert_same_crops(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """The same crops and flips, resampled in float and by torch's two-pass uint8 kernel (which rounds in
+    between): a level apart at most. (A crop 2 px off differs by about 1.3 levels on average, 6 at most.)"""
+    diff = (got.int() - want.int()).abs()
+    assert got.shape == want.shape and diff.max() <= 1 and diff.float().mean() < 0.25, (diff.max(), diff.float().mean())
+    return True
+
+
 def collate_keys(images: EncodedPretrainImages, keys: list[tuple[int, int]]) -> dict:
-    return DeviceCropCollate(SIZE, CPU, images)([images[k] for k in keys])
+    """What a worker packs and the training process decodes."""
+    return DeviceCropDecoder(SIZE, CPU, images)(pack_encoded([images[k] for k in keys]))
 
 
 def cpu_batch(images: PretrainImages, keys: list[tuple[int, int]]) -> dict:
@@ -81,8 +98,8 @@ def test_jpegs_leave_the_worker_undecoded_with_the_cpu_paths_crop_and_flip():
     assert any(flips) and not all(flips)
     got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
     assert got["pixel_values"].shape == (len(keys), 3, SIZE, SIZE) and got["pixel_values"].dtype == torch.uint8
-    # libjpeg-turbo behind both decoders and one resampling kernel: the same pixels.
-    assert torch.equal(got["pixel_values"], want["pixel_values"])
+    # libjpeg-turbo behind both decoders; the batched float resampling rounds a pixel a level apart at most.
+    assert_same_crops(got["pixel_values"], want["pixel_values"])
     assert got["issues"] == want["issues"]
     assert {kind for kind, _, _ in got["issues"]} == {"converted:small", "converted:channels"}
 
@@ -94,7 +111,7 @@ def test_grayscale_runs_decode_grayscale_on_the_device():
     assert got["pixel_values"].shape == (len(keys), 1, SIZE, SIZE) and got["issues"] == want["issues"]
     diff = (got["pixel_values"].int() - want["pixel_values"].int()).abs().amax(dim=(1, 2, 3))
     # libjpeg takes a colour JPEG's luma plane as it is; PIL recomputes luma from the decoded RGB.
-    assert diff[:3].max() <= 1 and diff[3] == 0  # the grayscale JPEG decodes identically
+    assert diff[:3].max() <= 2 and diff[3] <= 1  # the grayscale JPEG decodes identically, then is resampled
 
 
 def test_images_nvjpeg_is_not_given_are_decoded_on_the_cpu_and_reported_alike():
@@ -106,7 +123,7 @@ def test_images_nvjpeg_is_not_given_are_decoded_on_the_cpu_and_reported_alike():
     # The truncated file is skipped by PIL and replaced by the next file, a good JPEG.
     assert ["encoded" in on_device[k] for k in keys] == [False, False, False, True, True]
     got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
-    assert torch.equal(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+    assert_same_crops(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
     kinds = [kind for kind, _, _ in got["issues"]]
     assert "converted:exif" in kinds and "converted:color-space" in kinds and "skipped:corrupt" in kinds
 
@@ -117,7 +134,7 @@ def test_progressive_jpegs_and_bytes_after_the_end_marker_stay_on_the_device():
     keys = [(0, 0), (0, 1)]
     assert all("encoded" in on_device[k] for k in keys)
     got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
-    assert torch.equal(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+    assert_same_crops(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
 
 
 def test_a_file_that_cannot_be_read_is_reported_unreadable():
@@ -150,10 +167,10 @@ def test_a_file_the_device_decoder_refuses_is_redone_on_the_cpu(monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="fcmae.device_decode"):
         got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
     assert calls == [4, 1, 1, 1, 1]  # the batch call fails, then one call per file
-    assert torch.equal(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+    assert_same_crops(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
     assert [r.getMessage() for r in caplog.records] == [
-        "the device decoder refused sample (1, 1) (nvjpeg refused it); it and any later refusals in this worker "
-        "are decoded on the CPU"]
+        "the device decoder refused sample (1, 1) (nvjpeg refused it); it and any later refusals are decoded on "
+        "the CPU"]
 
 
 @pytest.mark.parametrize("fault", [torch.OutOfMemoryError, torch.AcceleratorError])
@@ -165,17 +182,6 @@ def test_device_faults_stop_the_run_instead_of_falling_back(monkeypatch, fault):
     on_device, _ = datasets_pair(JPEGS)
     with pytest.raises(fault):
         collate_keys(on_device, [(0, 0), (0, 1)])
-
-
-def test_a_worker_returns_its_cached_device_memory_above_the_limit(monkeypatch):
-    on_device, _ = datasets_pair(JPEGS)
-    collate = DeviceCropCollate(SIZE, torch.device("cuda", 0), on_device)
-    emptied = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
-    for reserved in (device_decode.WORKER_CACHE_BYTES, device_decode.WORKER_CACHE_BYTES + 1):
-        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device, r=reserved: r)
-        collate._release_cache()
-    assert emptied == [True]
 
 
 def test_decode_calls_are_bounded_in_pixels_and_give_the_same_batch(monkeypatch):
@@ -194,12 +200,11 @@ def test_loader_decoding_on_a_device_gives_the_cpu_loaders_batches():
     source = source_of([encoded(photo(60 + 4 * i, 50 + 3 * i, 10 + i)) for i in range(24)])
     common = dict(in_chans=3, batch_size=4, accumulation=1, rank=0, world_size=1, seed=5)
     on_device = build_pretrain_loader(cfg, source, decode_device=CPU, **common)
-    assert on_device.loader.multiprocessing_context.get_start_method() == "spawn"
     on_cpu = build_pretrain_loader(cfg, source, **common)
     batches = list(zip(on_device.epoch(1), on_cpu.epoch(1), strict=True))
     assert len(batches) == 6
     for got, want in batches:
-        assert torch.equal(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+        assert_same_crops(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
 
 
 def test_decode_device_is_checked_against_the_run():
@@ -224,3 +229,47 @@ def test_streaming_datasets_refuse_device_decoding():
     with pytest.raises(ConfigError, match="decode_device.*map-style"):
         build_pretrain_loader(cfg, ImageSource(stream, "image", []), in_chans=3, batch_size=2, accumulation=1,
                               rank=0, world_size=1, seed=0, decode_device=CPU)
+
+
+class RecordingDecoder:
+    """Stands in for :class:`DeviceCropDecoder`: numbers its batches and notes the thread it ran in."""
+
+    device = CPU
+
+    def __init__(self, fail_at: int | None = None):
+        self.fail_at, self.threads = fail_at, []
+
+    def __call__(self, batch: int) -> dict:
+        self.threads.append(threading.current_thread().name)
+        if batch == self.fail_at:
+            raise ValueError(f"batch {batch} is broken")
+        return {"pixel_values": torch.full((1,), batch), "issues": []}
+
+
+def test_decoding_ahead_gives_every_batch_in_order_from_a_background_thread():
+    decoder = RecordingDecoder()
+    got = [int(b["pixel_values"]) for b in decode_ahead(iter(range(7)), decoder, depth=2)]
+    assert got == list(range(7)) and set(decoder.threads) == {"fcmae-device-decode"}
+
+
+def test_an_error_while_decoding_ahead_reaches_the_loop_at_its_batch():
+    got = []
+    with pytest.raises(ValueError, match="batch 3 is broken"):
+        for b in decode_ahead(iter(range(7)), RecordingDecoder(fail_at=3)):
+            got.append(int(b["pixel_values"]))
+    assert got == [0, 1, 2]
+
+
+def test_leaving_an_epoch_early_stops_the_decoding_thread():
+    pulled = []
+
+    def endless():
+        while True:
+            pulled.append(len(pulled))
+            yield len(pulled) - 1
+
+    batches = decode_ahead(endless(), RecordingDecoder(), depth=2)
+    assert int(next(batches)["pixel_values"]) == 0
+    batches.close()
+    assert "fcmae-device-decode" not in {t.name for t in threading.enumerate()}
+    assert len(pulled) <= 1 + 2 + 2  # the one consumed, the queue, one in hand and one waiting to be offered

@@ -142,21 +142,23 @@ def _pixel_diff(got: torch.Tensor, want: torch.Tensor) -> tuple[float, int]:
 def test_nvjpeg_crops_are_close_to_the_cpu_paths():
     """The same crops and flips; nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level
     or two, the resampling kernel is the float one of the GPU."""
-    from fcmae.device_decode import DeviceCropCollate
+    from fcmae.device_decode import DeviceCropDecoder, pack_encoded
     from tests.test_device_decode import SIZE, cpu_batch, datasets_pair, encoded, photo
 
     files = [encoded(photo(500, 375, seed)) for seed in range(6)] + [encoded(photo(375, 500, 9, "L"))]
     on_device, on_cpu = datasets_pair(files)
     keys = [(e, i) for e in range(2) for i in range(len(files))]
-    got = DeviceCropCollate(SIZE, torch.device("cuda"), on_device)([on_device[k] for k in keys])
+    got = DeviceCropDecoder(SIZE, torch.device("cuda"), on_device)(pack_encoded([on_device[k] for k in keys]))
     want = cpu_batch(on_cpu, keys)
-    assert got["issues"] == want["issues"] and got["pixel_values"].device.type == "cpu"
-    mean, worst = _pixel_diff(got["pixel_values"], want["pixel_values"])
+    assert got["issues"] == want["issues"] and got["pixel_values"].device.type == "cuda"
+    mean, worst = _pixel_diff(got["pixel_values"].cpu(), want["pixel_values"])
     print(f"nvjpeg vs cpu: mean {mean:.3f}, max {worst} levels")
     assert mean < 0.25 and worst <= 4  # measured on an H200: 0.074 and 1; a crop 2 px off gives about 1.3 and 6
 
 
-def test_loader_decoding_on_cuda_in_spawned_workers():
+def test_loader_decoding_on_cuda_ahead_of_the_loop():
+    """Workers pack JPEGs; a thread of this process decodes them on its own stream; the batches read on the
+    default stream match the CPU loader's."""
     from fcmae.loader import build_pretrain_loader
     from fcmae.pretrain_config import DataConfig
     from tests.test_device_decode import SIZE, encoded, photo, source_of
@@ -169,7 +171,8 @@ def test_loader_decoding_on_cuda_in_spawned_workers():
     batches = list(zip(on_gpu.epoch(0), on_cpu.epoch(0), strict=True))
     assert len(batches) == 4
     for got, want in batches:
-        mean, worst = _pixel_diff(got["pixel_values"], want["pixel_values"])
+        assert got["pixel_values"].device.type == "cuda"
+        mean, worst = _pixel_diff(got["pixel_values"].cpu(), want["pixel_values"])
         assert got["issues"] == want["issues"] and mean < 0.25 and worst <= 4
 
 
