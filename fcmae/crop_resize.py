@@ -65,7 +65,12 @@ def resize_crops(crops: list[Tensor], size: int, flips: list[bool]) -> Tensor:
 
     Returns:
         (B, C, S, S) uint8 on the crops' device.
+
+    Raises:
+        ValueError: a crop has no pixels.
     """
+    if any(c.shape[1] == 0 or c.shape[2] == 0 for c in crops):
+        raise ValueError(f"cannot resize an empty crop: {[tuple(c.shape) for c in crops if 0 in c.shape[1:]]}")
     out = []
     for start, stop in _groups([c.shape[1:] for c in crops], PIXELS_PER_CALL):
         out.append(_resize_group(crops[start:stop], size, flips[start:stop]))

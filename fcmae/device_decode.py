@@ -4,17 +4,19 @@ Loader workers read each file's header and bytes and draw the sample's crop and 
 keyed generator before any pixel is decoded, exactly as the CPU path does
 (:meth:`PretrainTransform.plan`). Their collate packs a batch's files into one byte buffer
 (:func:`pack_encoded`), so the workers stay plain CPU processes. In the training process,
-:func:`decode_ahead` runs :class:`DeviceCropDecoder` in a background thread on a CUDA stream of its own,
-a few batches ahead of the loop: nvJPEG (``torchvision.io.decode_jpeg`` on the device; the GPU's hardware
-JPEG decoder where it has one) decodes the batch's files, and the same stream crops, resizes (bicubic,
-antialiased) and flips them. The loop gets uint8 ``(B, C, S, S)`` pixels already on the GPU. One CUDA
-context does all the work, so decoding overlaps the training kernels instead of taking turns with them.
+:func:`decode_ahead` runs :class:`DeviceCropDecoder` in a background thread, a few batches ahead of the
+loop: nvJPEG (``torchvision.io.decode_jpeg`` on the device; the GPU's hardware JPEG decoder where it has
+one) decodes the batch's files on torchvision's own stream while the thread waits, then the thread's
+high-priority stream crops, resizes (bicubic, antialiased) and flips them. The loop gets uint8
+``(B, C, S, S)`` pixels already on the GPU. One CUDA context does all the work, so decoding overlaps the
+training kernels instead of taking turns with them.
 
 Images nvJPEG is not given are decoded on the CPU in the worker, as without this option: not a JPEG, an
 EXIF rotation, a CMYK JPEG, a file with no end-of-image marker in its last 4 KiB (likely truncated, which
 PIL reports). A file the device decoder refuses is redone on the CPU by the decoding thread. So broken
 files are skipped and reported as on the CPU, unless nvJPEG decodes one despite its damage. Device faults
-(out of memory, a failed kernel) stop the run instead.
+(out of memory, a failed kernel, also when torchvision reports them as a plain RuntimeError) stop the run
+instead.
 
 Everything here also runs on a CPU device (libjpeg-turbo behind ``decode_jpeg``), which the tests use.
 """
@@ -51,6 +53,8 @@ DECODE_PIXELS_PER_CALL = 1 << 26
 DECODE_AHEAD = 2
 # Faults of the device, not of a file: they stop the run rather than send every file to the CPU.
 _DEVICE_FAULTS = (torch.OutOfMemoryError, torch.AcceleratorError)
+# torchvision re-raises what fails inside its nvJPEG call as a plain RuntimeError; these name a device fault.
+_DEVICE_FAULT_WORDS = ("out of memory", "CUDA error")
 
 logger = logging.getLogger(__name__)
 
@@ -200,19 +204,27 @@ class DeviceCropDecoder:
         return crops
 
     def _decode(self, chunk: list[EncodedCrop]) -> list[Tensor | None]:
+        self._wait_for_pending_reads()
         try:
             return decode_jpeg([e.data for e in chunk], mode=self._read_mode(), device=self.device)
-        except _DEVICE_FAULTS:
-            raise
-        except RuntimeError:  # one bad file fails the call: find it
+        except RuntimeError as err:  # one bad file fails the call: find it
+            if device_fault(err):
+                raise
             return [self._decode_one(e) for e in chunk]
 
+    def _wait_for_pending_reads(self) -> None:
+        """nvJPEG writes its output on a stream of its own, into memory taken on the current stream, which
+        may hold the last chunk's images while queued kernels still read them: let those finish first."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def _decode_one(self, e: EncodedCrop) -> Tensor | None:
+        self._wait_for_pending_reads()
         try:
             return decode_jpeg(e.data, mode=self._read_mode(), device=self.device)
-        except _DEVICE_FAULTS:
-            raise
         except RuntimeError as err:
+            if device_fault(err):
+                raise
             self.refused += 1
             if self.refused == 1:
                 logger.warning("the device decoder refused sample %s (%s); it and any later refusals are "
@@ -250,6 +262,8 @@ def decode_ahead(batches: Iterable[EncodedBatch], decoder: DeviceCropDecoder,
 
     def work() -> None:
         try:
+            if stream is not None:  # a new thread starts on GPU 0; leaving the stream context returns there
+                torch.cuda.set_device(device)
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for batch in batches:
                     out = decoder(batch)
@@ -277,6 +291,11 @@ def decode_ahead(batches: Iterable[EncodedBatch], decoder: DeviceCropDecoder,
         stop.set()
         if thread is not threading.current_thread():  # a generator collected in a cycle may close in it
             thread.join()
+
+
+def device_fault(err: RuntimeError) -> bool:
+    """Whether a decode call failed because of the device (which stops the run), not because of a file."""
+    return isinstance(err, _DEVICE_FAULTS) or any(words in str(err) for words in _DEVICE_FAULT_WORDS)
 
 
 def _cropped(img: Tensor, box: tuple[int, int, int, int]) -> Tensor:

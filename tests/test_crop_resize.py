@@ -10,7 +10,8 @@ from torchvision.transforms import InterpolationMode
 import fcmae.crop_resize as crop_resize
 from fcmae.crop_resize import _groups, resize_crops
 
-SHAPES = [(100, 150), (224, 224), (40, 30), (500, 333), (7, 300), (1, 5), (64, 64)]  # shrink, keep, enlarge
+# shrink, keep, enlarge, from one pixel, and extreme aspect ratios
+SHAPES = [(100, 150), (224, 224), (40, 30), (500, 333), (7, 300), (1, 5), (64, 64), (1, 1), (900, 3), (2, 640)]
 
 
 def crops_of(shapes, channels=3, seed=0):
@@ -44,6 +45,11 @@ def test_calls_are_bounded_in_padded_pixels_and_give_the_same_crops(monkeypatch)
     crops = crops_of(SHAPES)
     whole = resize_crops(crops, 32, [False] * len(crops))
     monkeypatch.setattr(crop_resize, "PIXELS_PER_CALL", 2 * 224 * 224)
-    assert _groups([c.shape[1:] for c in crops], 2 * 224 * 224) == [(0, 2), (2, 3), (3, 4), (4, 7)]
+    assert _groups([c.shape[1:] for c in crops], 2 * 224 * 224) == [(0, 2), (2, 3), (3, 4), (4, 8), (8, 9), (9, 10)]
     assert (resize_crops(crops, 32, [False] * len(crops)).int() - whole.int()).abs().max() <= 1
     assert _groups([c.shape[1:] for c in crops], 1) == [(i, i + 1) for i in range(len(crops))]  # one crop each
+
+
+def test_an_empty_crop_is_an_error_not_garbage():
+    with pytest.raises(ValueError, match=r"empty crop: \[\(3, 0, 5\)\]"):
+        resize_crops(crops_of([(4, 4), (0, 5)]), 8, [False, False])

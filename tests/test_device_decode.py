@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 
 import datasets
 import numpy as np
@@ -173,14 +174,19 @@ def test_a_file_the_device_decoder_refuses_is_redone_on_the_cpu(monkeypatch, cap
         "the CPU"]
 
 
-@pytest.mark.parametrize("fault", [torch.OutOfMemoryError, torch.AcceleratorError])
+@pytest.mark.parametrize("fault", [
+    torch.OutOfMemoryError("device fault"), torch.AcceleratorError("device fault"),
+    # what torchvision raises when an allocation or a kernel fails inside its nvJPEG call
+    RuntimeError("Error while decoding JPEG images: CUDA out of memory. Tried to allocate 20.00 MiB"),
+    RuntimeError("Error while decoding JPEG images: CUDA error: an illegal memory access was encountered"),
+])
 def test_device_faults_stop_the_run_instead_of_falling_back(monkeypatch, fault):
     def failing_decode(data, **kwargs):
-        raise fault("device fault")
+        raise fault
 
     monkeypatch.setattr(device_decode, "decode_jpeg", failing_decode)
     on_device, _ = datasets_pair(JPEGS)
-    with pytest.raises(fault):
+    with pytest.raises(type(fault), match=str(fault)[-20:]):
         collate_keys(on_device, [(0, 0), (0, 1)])
 
 
@@ -258,6 +264,18 @@ def test_an_error_while_decoding_ahead_reaches_the_loop_at_its_batch():
         for b in decode_ahead(iter(range(7)), RecordingDecoder(fail_at=3)):
             got.append(int(b["pixel_values"]))
     assert got == [0, 1, 2]
+
+
+def test_leaving_an_epoch_early_while_the_thread_waits_for_the_loader_stops_it():
+    def slow():
+        for i in range(100):
+            time.sleep(0.2)
+            yield i
+
+    batches = decode_ahead(slow(), RecordingDecoder(), depth=2)
+    assert int(next(batches)["pixel_values"]) == 0
+    batches.close()  # the thread is inside next(slow()): it finishes that pull, then stops
+    assert "fcmae-device-decode" not in {t.name for t in threading.enumerate()}
 
 
 def test_leaving_an_epoch_early_stops_the_decoding_thread():

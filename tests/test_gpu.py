@@ -156,6 +156,25 @@ def test_nvjpeg_crops_are_close_to_the_cpu_paths():
     assert mean < 0.25 and worst <= 4  # measured on an H200: 0.074 and 1; a crop 2 px off gives about 1.3 and 6
 
 
+def test_decoded_images_are_not_overwritten_while_their_crops_wait_on_the_stream():
+    """nvJPEG writes on torchvision's own stream, into memory taken on the current one. A batch decoded while
+    the last one's crops still queue behind other work there must not reuse the images those crops read."""
+    from fcmae.device_decode import DeviceCropDecoder, pack_encoded
+    from tests.test_device_decode import SIZE, datasets_pair, encoded, photo
+
+    files = [encoded(photo(500, 375, seed)) for seed in range(8)]
+    on_device, _ = datasets_pair(files)
+    decoder = DeviceCropDecoder(SIZE, torch.device("cuda"), on_device)
+    batches = [pack_encoded([on_device[(epoch, i)] for i in range(len(files))]) for epoch in range(3)]
+    want = [decoder(b)["pixel_values"].cpu() for b in batches]  # one at a time, each read back
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)  # tens of ms of spinning ahead of the first batch's crops
+        got = [decoder(b)["pixel_values"] for b in batches]
+    torch.cuda.synchronize()
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
+
+
 def test_loader_decoding_on_cuda_ahead_of_the_loop():
     """Workers pack JPEGs; a thread of this process decodes them on its own stream; the batches read on the
     default stream match the CPU loader's."""
