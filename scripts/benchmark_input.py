@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import datasets
 import numpy as np
@@ -55,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fcmae.data import ImageSource, PretrainImages, image_folder_dataset  # noqa: E402
 from fcmae.device_decode import DECODE_AHEAD  # noqa: E402
 from fcmae.loader import build_pretrain_loader, decode_device  # noqa: E402
-from fcmae.pretrain_config import DataConfig, PretrainConfig, load_pretrain_config  # noqa: E402
+from fcmae.pretrain_config import DataConfig, PretrainConfig, TrainConfig, load_pretrain_config  # noqa: E402
 from fcmae.pretraining import PretrainingRun  # noqa: E402
 from fcmae.transforms import PretrainTransform  # noqa: E402
 
@@ -221,7 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", default="tiny", help="convnextv2_<size>")
     p.add_argument("--backend", default="native", choices=["native", "dense", "minkowski"])
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   choices=get_args(get_type_hints(TrainConfig)["compile_mode"]),
                    help="train.compile=true, in train.compile_mode MODE (default: default)")
     p.add_argument("--workers", type=int, default=16, help="data.num_workers")
     p.add_argument("--decode-device", default="cpu", choices=["cpu", "cuda"], help="data.decode_device")
