@@ -1,11 +1,12 @@
-"""Many crops resized at once: antialiased bicubic resampling as two batched matmuls.
+"""Many crops cut and resized at once: antialiased bicubic resampling as two batched matmuls.
 
 torch's antialiased bicubic interpolation (``interpolate(mode="bicubic", antialias=True)``, behind
 torchvision's tensor resize) is separable. Each output row is a weighted sum of a window of input rows,
-and each output column of a window of input columns, so one side's weights form an (S, L) matrix. Crops
-of different sizes, padded with zeros to the largest, then resize together as ``rows @ X @ cols^T``: a
-few kernels per batch instead of several per crop, which is what kept a decoding thread from keeping up
-with a training loop replayed from CUDA graphs.
+and each output column of a window of input columns, so one side's weights form an (S, L) matrix, zero
+beyond the crop's length L. Crops of different sizes are gathered from their images into one tensor padded
+to the largest, then resized together as ``rows @ X @ cols^T``: a few dozen kernel launches per batch,
+whatever its size. A decoding thread beside the training loop shares the process's one interpreter with
+it, so every launch it saves is time given back to the loop.
 
 The weights are torch's: Keys' cubic with a = -0.5, its support widened by the scale when shrinking,
 each output's window cut at the crop's edges and normalised to sum 1. The sums run as float32 matmuls
@@ -15,12 +16,14 @@ one level apart after rounding to uint8.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 _A = -0.5  # Keys' cubic, as torch's antialiased bicubic filter
-# Padded crop pixels resized per call (x C x 4 bytes of float32, twice over): bounds the memory one call
-# takes when a batch holds a few very large crops.
+# Padded crop pixels resized per call (each takes C x 4 bytes of float32 twice over, and 4 bytes of gather
+# index): bounds the memory one call takes when a batch holds a few very large crops.
 PIXELS_PER_CALL = 1 << 25
 
 
@@ -50,46 +53,77 @@ def resampling_weights(lengths: Tensor, out_size: int, padded: int) -> Tensor:
     center = scale * (torch.arange(out_size, device=lengths.device, dtype=torch.float32)[None, :, None] + 0.5)
     first = (center - support + 0.5).trunc().clamp(min=0)  # torch truncates to int64 here
     end = torch.minimum((center + support + 0.5).trunc(), lengths[:, None, None])
-    position = torch.arange(padded, device=lengths.device, dtype=torch.float32)[None, None, :]
-    weights = keys_cubic((position - center + 0.5) * inverse) * ((position >= first) & (position < end))
-    return weights / weights.sum(-1, keepdim=True)
+    # Each output's window (end - first <= 2 x support + 1 inputs) is computed alone, then placed: elementwise
+    # work on (B, S, window), not on (B, S, L).
+    window = min(padded, math.ceil(4 * max(1.0, padded / out_size)) + 1)
+    position = first + torch.arange(window, device=lengths.device, dtype=torch.float32)  # (B, S, window)
+    taps = keys_cubic((position - center + 0.5) * inverse) * (position < end)
+    taps = taps / taps.sum(-1, keepdim=True)
+    dense = taps.new_zeros((len(lengths), out_size, padded))
+    # Taps past a window's end weigh zero; clamped into range, they add nothing where they land.
+    return dense.scatter_add_(2, position.clamp(max=padded - 1).long(), taps)
 
 
-def resize_crops(crops: list[Tensor], size: int, flips: list[bool]) -> Tensor:
-    """Resize crops to ``size`` x ``size`` as torchvision's bicubic antialiased resize does, mirroring some.
+def crop_and_resize(images: list[Tensor], boxes: list[tuple[int, int, int, int]], size: int,
+                    flips: list[bool]) -> Tensor:
+    """Crop each image and resize the crop to ``size`` x ``size`` as torchvision's bicubic antialiased resize
+    does, mirroring some.
 
     Args:
-        crops: (C, h_i, w_i) uint8 on one device.
+        images: (C, H_i, W_i) uint8 on one device, at least one.
+        boxes: per image, its crop (top, left, height, width) inside it.
         size: output side S.
-        flips: per crop, mirror it horizontally.
+        flips: per image, mirror its crop horizontally.
 
     Returns:
-        (B, C, S, S) uint8 on the crops' device.
+        (B, C, S, S) uint8 on the images' device.
 
     Raises:
-        ValueError: a crop has no pixels.
+        ValueError: no images, or a crop has no pixels or leaves its image.
     """
-    if any(c.shape[1] == 0 or c.shape[2] == 0 for c in crops):
-        raise ValueError(f"cannot resize an empty crop: {[tuple(c.shape) for c in crops if 0 in c.shape[1:]]}")
+    if not images:
+        raise ValueError("no crops to resize")
+    for img, (top, left, height, width) in zip(images, boxes, strict=True):
+        if height < 1 or width < 1 or top < 0 or left < 0 or top + height > img.shape[1] or left + width > img.shape[2]:
+            raise ValueError(f"crop (top, left, height, width) = {(top, left, height, width)} is empty or leaves "
+                             f"its image of {tuple(img.shape[1:])}")
     out = []
-    for start, stop in _groups([c.shape[1:] for c in crops], PIXELS_PER_CALL):
-        out.append(_resize_group(crops[start:stop], size, flips[start:stop]))
+    for start, stop in _groups([box[2:] for box in boxes], PIXELS_PER_CALL):
+        out.append(_resize_group(images[start:stop], boxes[start:stop], size, flips[start:stop]))
     return torch.cat(out)
 
 
-def _resize_group(crops: list[Tensor], size: int, flips: list[bool]) -> Tensor:
-    device, channels = crops[0].device, crops[0].shape[0]
-    heights, widths = [c.shape[1] for c in crops], [c.shape[2] for c in crops]
-    padded = crops[0].new_zeros((len(crops), channels, max(heights), max(widths)))
-    for i, crop in enumerate(crops):
-        padded[i, :, :crop.shape[1], :crop.shape[2]] = crop
-    lengths = _on(device, torch.tensor([heights, widths], dtype=torch.float32))
-    rows = resampling_weights(lengths[0], size, padded.shape[2])
-    cols = resampling_weights(lengths[1], size, padded.shape[3])
+def _resize_group(images: list[Tensor], boxes: list[tuple[int, int, int, int]], size: int,
+                  flips: list[bool]) -> Tensor:
+    padded = _gather_crops(images, boxes)  # (C, B, h_max, w_max)
+    device, (tallest, widest) = padded.device, padded.shape[2:]
+    lengths = _on(device, torch.tensor([box[2] for box in boxes] + [box[3] for box in boxes], dtype=torch.float32))
+    weights = resampling_weights(lengths, size, max(tallest, widest))  # both sides in one call
+    rows, cols = weights[:len(boxes), :, :tallest], weights[len(boxes):, :, :widest]
     mirrored = _on(device, torch.tensor(flips, dtype=torch.bool))[:, None, None]
     cols = torch.where(mirrored, cols.flip(1), cols)  # output columns in reverse order
-    resized = rows.unsqueeze(1) @ padded.float() @ cols.transpose(1, 2).unsqueeze(1)
-    return resized.clamp_(0, 255).round_().to(torch.uint8)
+    resized = rows @ padded.float() @ cols.transpose(1, 2)  # (C, B, S, S)
+    return resized.clamp_(0, 255).round_().to(torch.uint8).transpose(0, 1).contiguous()
+
+
+def _gather_crops(images: list[Tensor], boxes: list[tuple[int, int, int, int]]) -> Tensor:
+    """(C, B, h_max, w_max) uint8: the crops, each padded by repeating its last row and column (the
+    resampling weights are zero there). One gather from the images laid end to end, whatever their number."""
+    channels = images[0].shape[0]
+    flat = torch.cat([img.reshape(channels, -1) for img in images], dim=1)  # (C, sum of H_i x W_i)
+    starts = [0]
+    for img in images[:-1]:
+        starts.append(starts[-1] + img.shape[1] * img.shape[2])
+    # per crop: its image's first pixel in ``flat``, the image's width, the crop's top, left, height, width
+    meta = _on(flat.device, torch.tensor([[start, img.shape[2], *box] for start, img, box in
+                                           zip(starts, images, boxes, strict=True)], dtype=torch.int64))
+    first, image_width, top, left, height, width = (meta[:, i, None, None] for i in range(6))
+    tallest, widest = max(box[2] for box in boxes), max(box[3] for box in boxes)
+    y = torch.arange(tallest, device=flat.device)[None, :, None].minimum(height - 1)  # (B, h_max, 1)
+    x = torch.arange(widest, device=flat.device)[None, None, :].minimum(width - 1)  # (B, 1, w_max)
+    index_type = torch.int32 if flat.shape[1] < 2**31 else torch.int64  # halves the index's memory
+    index = (first + (top + y) * image_width + left).to(index_type) + x.to(index_type)
+    return flat.index_select(1, index.flatten()).view(channels, len(images), tallest, widest)
 
 
 def _on(device: torch.device, values: Tensor) -> Tensor:
@@ -99,7 +133,7 @@ def _on(device: torch.device, values: Tensor) -> Tensor:
     return values.pin_memory().to(device, non_blocking=True)
 
 
-def _groups(shapes: list[torch.Size], pixels_per_call: int) -> list[tuple[int, int]]:
+def _groups(shapes: list[tuple[int, int]], pixels_per_call: int) -> list[tuple[int, int]]:
     """Consecutive (start, stop) runs of crops whose padded size (count x tallest x widest) stays within
     ``pixels_per_call``, or one larger crop."""
     groups, start, tallest, widest = [], 0, 0, 0

@@ -37,12 +37,13 @@ from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fcmae.crop_resize import resize_crops
+from fcmae.crop_resize import crop_and_resize
 from fcmae.data import PretrainImages, first_good
 from fcmae.images import BadImageError, can_reduce, open_image
 from fcmae.transforms import keyed_generator
 
 DEVICE_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
+CHANNELS = {"RGB": 3, "L": 1}
 _END = object()  # the loader's epoch is over
 _END_OF_IMAGE = b"\xff\xd9"
 _TAIL = 4096  # bytes at a file's end searched for the end-of-image marker (padding or a trailer may follow it)
@@ -179,38 +180,63 @@ class DeviceCropDecoder:
         self.refused = 0
 
     def __call__(self, batch: EncodedBatch) -> dict[str, Any]:
-        jpegs = [dataclasses.replace(crop, data=data) for crop, data in
-                 zip([c for c in batch.crops if c is not None], batch.files.split(batch.sizes), strict=True)]
-        on_device = iter(self.crop_on_device(jpegs))
-        on_cpu = iter(batch.decoded.to(self.device).unbind(0) if batch.decoded.numel() else ())
-        pixels, issues = [], list(batch.issues)
-        for i, crop in enumerate(batch.crops):
-            x = next(on_cpu) if crop is None else next(on_device)
-            if x is None:  # refused: its own issues (a skipped file, a replacement) come with the CPU item
-                item = self.images.decoded_on_cpu(crop.key)
-                x, issues[i] = item["pixel_values"].to(self.device), item["issues"]
-            pixels.append(x)
-        return {"pixel_values": torch.stack(pixels), "issues": [issue for item in issues for issue in item]}
+        on_device = [i for i, crop in enumerate(batch.crops) if crop is not None]
+        crops, refused = self.crop_on_device([batch.crops[i] for i in on_device],
+                                             list(batch.files.split(batch.sizes)))
+        issues = list(batch.issues)
+        if len(on_device) == len(batch.crops) and not refused:  # the usual batch: nothing to place
+            pixels = crops
+        else:
+            pixels = self._assemble(batch, [i for j, i in enumerate(on_device) if j not in set(refused)], crops,
+                                    [on_device[j] for j in refused], issues)
+        return {"pixel_values": pixels, "issues": [issue for item in issues for issue in item]}
 
-    def crop_on_device(self, encoded: list[EncodedCrop]) -> list[Tensor | None]:
-        """(C, S, S) uint8 crops on the device, in order; None where the device decoder refused the file."""
-        crops: list[Tensor | None] = []
-        for chunk in _chunks(encoded, DECODE_PIXELS_PER_CALL):
-            decoded = self._decode(chunk)
-            done = [(img, e) for img, e in zip(decoded, chunk, strict=True) if img is not None]
-            resized = iter(resize_crops([_cropped(img, e.box) for img, e in done], self.size,
-                                        [e.flip for _, e in done]).unbind(0) if done else ())
-            crops += [None if img is None else next(resized) for img in decoded]
-        return crops
+    def _assemble(self, batch: EncodedBatch, cropped: list[int], crops: Tensor, refused: list[int],
+                  issues: list[list[Any]]) -> Tensor:
+        """(B, C, S, S) in batch order: ``crops`` at positions ``cropped``, the workers' CPU-decoded samples,
+        and the ``refused`` files redone on the CPU here (their ``issues`` replaced by the CPU item's: a
+        skipped file, a replacement)."""
+        pixels = torch.empty((len(batch.crops), CHANNELS[self.images.mode], self.size, self.size),
+                             dtype=torch.uint8, device=self.device)
+        if cropped:
+            pixels[cropped] = crops
+        on_cpu = [i for i, crop in enumerate(batch.crops) if crop is None]
+        if on_cpu:
+            pixels[on_cpu] = batch.decoded.to(self.device)
+        for i in refused:
+            item = self.images.decoded_on_cpu(batch.crops[i].key)
+            pixels[i], issues[i] = item["pixel_values"].to(self.device), item["issues"]
+        return pixels
 
-    def _decode(self, chunk: list[EncodedCrop]) -> list[Tensor | None]:
+    def crop_on_device(self, encoded: list[EncodedCrop], files: list[Tensor]) -> tuple[Tensor, list[int]]:
+        """Decode ``files`` ((N_i,) uint8, the file of each of ``encoded``) on the device, crop, resize, flip.
+
+        Returns:
+            (K, C, S, S) uint8, the crops of the files the device decoder took, in order; and the positions
+            in ``encoded`` of those it refused.
+        """
+        crops, refused, offset = [], [], 0
+        for chunk in _chunks([e.pixels for e in encoded], DECODE_PIXELS_PER_CALL):
+            decoded = self._decode(files[offset:offset + chunk], encoded[offset:offset + chunk])
+            took = [j for j, img in enumerate(decoded) if img is not None]
+            refused += [offset + j for j, img in enumerate(decoded) if img is None]
+            if took:
+                crops.append(crop_and_resize([decoded[j] for j in took], [encoded[offset + j].box for j in took],
+                                             self.size, [encoded[offset + j].flip for j in took]))
+            offset += chunk
+        if not crops:
+            return torch.empty((0, CHANNELS[self.images.mode], self.size, self.size), dtype=torch.uint8,
+                               device=self.device), refused
+        return crops[0] if len(crops) == 1 else torch.cat(crops), refused
+
+    def _decode(self, files: list[Tensor], encoded: list[EncodedCrop]) -> list[Tensor | None]:
         self._wait_for_pending_reads()
         try:
-            return decode_jpeg([e.data for e in chunk], mode=self._read_mode(), device=self.device)
+            return decode_jpeg(files, mode=self._read_mode(), device=self.device)
         except RuntimeError as err:  # one bad file fails the call: find it
             if device_fault(err):
                 raise
-            return [self._decode_one(e) for e in chunk]
+            return [self._decode_one(data, e.key) for data, e in zip(files, encoded, strict=True)]
 
     def _wait_for_pending_reads(self) -> None:
         """nvJPEG writes its output on a stream of its own, into memory taken on the current stream, which
@@ -218,17 +244,17 @@ class DeviceCropDecoder:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
-    def _decode_one(self, e: EncodedCrop) -> Tensor | None:
+    def _decode_one(self, data: Tensor, key: tuple[int, int]) -> Tensor | None:
         self._wait_for_pending_reads()
         try:
-            return decode_jpeg(e.data, mode=self._read_mode(), device=self.device)
+            return decode_jpeg(data, mode=self._read_mode(), device=self.device)
         except RuntimeError as err:
             if device_fault(err):
                 raise
             self.refused += 1
             if self.refused == 1:
                 logger.warning("the device decoder refused sample %s (%s); it and any later refusals are "
-                               "decoded on the CPU", e.key, err)
+                               "decoded on the CPU", key, err)
             return None
 
     def _read_mode(self) -> ImageReadMode:
@@ -298,19 +324,15 @@ def device_fault(err: RuntimeError) -> bool:
     return isinstance(err, _DEVICE_FAULTS) or any(words in str(err) for words in _DEVICE_FAULT_WORDS)
 
 
-def _cropped(img: Tensor, box: tuple[int, int, int, int]) -> Tensor:
-    top, left, height, width = box
-    return img[:, top:top + height, left:left + width]
-
-
-def _chunks(encoded: list[EncodedCrop], pixels_per_chunk: int) -> list[list[EncodedCrop]]:
-    """Consecutive runs of ``encoded`` of at most ``pixels_per_chunk`` image pixels, or one larger image."""
-    chunks: list[list[EncodedCrop]] = []
+def _chunks(pixels: list[int], pixels_per_chunk: int) -> list[int]:
+    """Lengths of consecutive runs of images of at most ``pixels_per_chunk`` pixels together, or of one larger
+    image."""
+    chunks: list[int] = []
     total = pixels_per_chunk
-    for e in encoded:
-        if total + e.pixels > pixels_per_chunk:
-            chunks.append([])
+    for count in pixels:
+        if total + count > pixels_per_chunk:
+            chunks.append(0)
             total = 0
-        chunks[-1].append(e)
-        total += e.pixels
+        chunks[-1] += 1
+        total += count
     return chunks

@@ -174,6 +174,23 @@ def test_a_file_the_device_decoder_refuses_is_redone_on_the_cpu(monkeypatch, cap
         "the CPU"]
 
 
+def test_cpu_decoded_refused_and_device_samples_keep_their_places_in_the_batch(monkeypatch):
+    files = [encoded(photo(80, 60, 10), "PNG"), JPEGS[1], JPEGS[0], encoded(photo(70, 50, 11), "PNG"), JPEGS[2]]
+    real_decode = device_decode.decode_jpeg
+
+    def picky_decode(data, **kwargs):
+        if any(bytes(d.numpy()) == JPEGS[1] for d in (data if isinstance(data, list) else [data])):
+            raise RuntimeError("nvjpeg refused it")
+        return real_decode(data, **kwargs)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", picky_decode)
+    on_device, on_cpu = datasets_pair(files)
+    keys = [(2, i) for i in range(len(files))]
+    assert ["encoded" in on_device[k] for k in keys] == [False, True, True, False, True]
+    got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
+    assert_same_crops(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+
+
 @pytest.mark.parametrize("fault", [
     torch.OutOfMemoryError("device fault"), torch.AcceleratorError("device fault"),
     # what torchvision raises when an allocation or a kernel fails inside its nvJPEG call
@@ -196,9 +213,9 @@ def test_decode_calls_are_bounded_in_pixels_and_give_the_same_batch(monkeypatch)
     whole = collate_keys(on_device, keys)
     monkeypatch.setattr(device_decode, "DECODE_PIXELS_PER_CALL", 120 * 90 + 70 * 100)
     assert torch.equal(collate_keys(on_device, keys)["pixel_values"], whole["pixel_values"])
-    items = [on_device[k]["encoded"] for k in keys]
-    assert [len(c) for c in _chunks(items, 120 * 90 + 70 * 100)] == [2, 2, 2, 2]
-    assert [len(c) for c in _chunks(items, 1)] == [1] * len(items)  # a larger image still gets a call
+    pixels = [on_device[k]["encoded"].pixels for k in keys]
+    assert _chunks(pixels, 120 * 90 + 70 * 100) == [2, 2, 2, 2]
+    assert _chunks(pixels, 1) == [1] * len(pixels)  # a larger image still gets a call
 
 
 def test_loader_decoding_on_a_device_gives_the_cpu_loaders_batches():
