@@ -23,7 +23,8 @@ from torch import Tensor
 
 _A = -0.5  # Keys' cubic, as torch's antialiased bicubic filter
 # Padded crop pixels resized per call (each takes C x 4 bytes of float32 twice over, and 4 bytes of gather
-# index): bounds the memory one call takes when a batch holds a few very large crops.
+# index): bounds the memory one call takes when a batch holds a few very large crops. On top of that, a
+# call copies its whole images once (C bytes a pixel) and holds (2 x crops, S, longest side) float32 weights.
 PIXELS_PER_CALL = 1 << 25
 
 
@@ -79,10 +80,12 @@ def crop_and_resize(images: list[Tensor], boxes: list[tuple[int, int, int, int]]
         (B, C, S, S) uint8 on the images' device.
 
     Raises:
-        ValueError: no images, or a crop has no pixels or leaves its image.
+        ValueError: no images, flips or boxes not one per image, or a crop has no pixels or leaves its image.
     """
     if not images:
         raise ValueError("no crops to resize")
+    if len(flips) != len(images):
+        raise ValueError(f"{len(flips)} flips for {len(images)} crops")
     for img, (top, left, height, width) in zip(images, boxes, strict=True):
         if height < 1 or width < 1 or top < 0 or left < 0 or top + height > img.shape[1] or left + width > img.shape[2]:
             raise ValueError(f"crop (top, left, height, width) = {(top, left, height, width)} is empty or leaves "

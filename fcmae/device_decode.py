@@ -187,8 +187,9 @@ class DeviceCropDecoder:
         if len(on_device) == len(batch.crops) and not refused:  # the usual batch: nothing to place
             pixels = crops
         else:
-            pixels = self._assemble(batch, [i for j, i in enumerate(on_device) if j not in set(refused)], crops,
-                                    [on_device[j] for j in refused], issues)
+            refused_set = set(refused)
+            cropped = [i for j, i in enumerate(on_device) if j not in refused_set]
+            pixels = self._assemble(batch, cropped, crops, [on_device[j] for j in refused], issues)
         return {"pixel_values": pixels, "issues": [issue for item in issues for issue in item]}
 
     def _assemble(self, batch: EncodedBatch, cropped: list[int], crops: Tensor, refused: list[int],
@@ -259,7 +260,6 @@ class DeviceCropDecoder:
 
     def _read_mode(self) -> ImageReadMode:
         return DEVICE_READ_MODES[self.images.mode]
-
 
 
 def decode_ahead(batches: Iterable[EncodedBatch], decoder: DeviceCropDecoder,

@@ -71,9 +71,11 @@ def test_crops_inside_larger_images_are_cut_from_the_right_place():
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
-def test_no_crops_is_an_error():
+def test_no_crops_or_flips_not_one_per_crop_is_an_error():
     with pytest.raises(ValueError, match="no crops"):
         crop_and_resize([], [], 8, [])
+    with pytest.raises(ValueError, match="1 flips for 2 crops"):
+        crop_and_resize(crops_of([(4, 4), (4, 4)]), [(0, 0, 4, 4)] * 2, 8, [True])
 
 
 @pytest.mark.parametrize("box", [(0, 0, 0, 5), (0, 0, 4, 0), (1, 0, 4, 4), (0, -1, 2, 2)])

@@ -174,21 +174,42 @@ def test_a_file_the_device_decoder_refuses_is_redone_on_the_cpu(monkeypatch, cap
         "the CPU"]
 
 
-def test_cpu_decoded_refused_and_device_samples_keep_their_places_in_the_batch(monkeypatch):
-    files = [encoded(photo(80, 60, 10), "PNG"), JPEGS[1], JPEGS[0], encoded(photo(70, 50, 11), "PNG"), JPEGS[2]]
+def refusing(monkeypatch, refused: set[bytes]) -> None:
+    """The device decoder refuses ``refused`` files (a batch call holding one fails as a whole)."""
     real_decode = device_decode.decode_jpeg
 
     def picky_decode(data, **kwargs):
-        if any(bytes(d.numpy()) == JPEGS[1] for d in (data if isinstance(data, list) else [data])):
+        if any(bytes(d.numpy()) in refused for d in (data if isinstance(data, list) else [data])):
             raise RuntimeError("nvjpeg refused it")
         return real_decode(data, **kwargs)
 
     monkeypatch.setattr(device_decode, "decode_jpeg", picky_decode)
-    on_device, on_cpu = datasets_pair(files)
-    keys = [(2, i) for i in range(len(files))]
-    assert ["encoded" in on_device[k] for k in keys] == [False, True, True, False, True]
+
+
+PNGS = [encoded(photo(80, 60, 10), "PNG"), encoded(photo(70, 50, 11), "PNG")]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("pixels_per_call", [1, 3 * 120 * 90, 1 << 26])  # one file, a few, all per call
+def test_cpu_decoded_refused_and_device_samples_keep_their_places_in_the_batch(monkeypatch, mode,
+                                                                                pixels_per_call):
+    files = [PNGS[0], JPEGS[1], JPEGS[0], PNGS[1], JPEGS[2], JPEGS[3], exif_rotated(photo(90, 60, 6))]
+    refusing(monkeypatch, {JPEGS[1], JPEGS[2]})
+    monkeypatch.setattr(device_decode, "DECODE_PIXELS_PER_CALL", pixels_per_call)
+    on_device, on_cpu = datasets_pair(files, mode)
+    keys = [(2, i) for i in (3, 1, 0, 5, 2, 6, 4)] + [(3, i) for i in range(len(files))]
     got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
     assert_same_crops(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+
+
+@pytest.mark.parametrize("refused", [set(), set(JPEGS)], ids=["none refused", "all refused"])
+def test_batches_without_a_device_crop_are_the_cpu_paths(monkeypatch, refused):
+    refusing(monkeypatch, refused)
+    files = PNGS + ([] if refused else [exif_rotated(photo(90, 60, 6))]) + (JPEGS if refused else [])
+    on_device, on_cpu = datasets_pair(files)
+    keys = [(0, i) for i in range(len(files))]
+    got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
+    assert torch.equal(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
 
 
 @pytest.mark.parametrize("fault", [
