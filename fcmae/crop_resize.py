@@ -93,7 +93,7 @@ def crop_and_resize(images: list[Tensor], boxes: list[tuple[int, int, int, int]]
     out = []
     for start, stop in _groups([box[2:] for box in boxes], PIXELS_PER_CALL):
         out.append(_resize_group(images[start:stop], boxes[start:stop], size, flips[start:stop]))
-    return torch.cat(out)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _resize_group(images: list[Tensor], boxes: list[tuple[int, int, int, int]], size: int,

@@ -39,11 +39,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from fcmae.crop_resize import crop_and_resize
 from fcmae.data import PretrainImages, first_good
-from fcmae.images import BadImageError, can_reduce, open_image
+from fcmae.images import MODES_BY_CHANNELS, BadImageError, can_reduce, open_image
 from fcmae.transforms import keyed_generator
 
 DEVICE_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
-CHANNELS = {"RGB": 3, "L": 1}
+CHANNELS = {mode: channels for channels, mode in MODES_BY_CHANNELS.items()}
 _END = object()  # the loader's epoch is over
 _END_OF_IMAGE = b"\xff\xd9"
 _TAIL = 4096  # bytes at a file's end searched for the end-of-image marker (padding or a trailer may follow it)
