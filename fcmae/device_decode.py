@@ -13,7 +13,8 @@ training kernels instead of taking turns with them.
 
 Images nvJPEG is not given are decoded on the CPU in the worker, as without this option: not a JPEG, an
 EXIF rotation, a CMYK JPEG, a file with no end-of-image marker in its last 4 KiB (likely truncated, which
-PIL reports). A file the device decoder refuses is redone on the CPU by the decoding thread. So broken
+PIL reports), and the first ``data.cpu_decode_share`` of each batch's samples, which the workers decode so
+that they share the work with the GPU. A file the device decoder refuses is redone on the CPU by the decoding thread. So broken
 files are skipped and reported as on the CPU, unless nvJPEG decodes one despite its damage. Device faults
 (out of memory, a failed kernel, also when torchvision reports them as a plain RuntimeError) stop the run
 instead.
@@ -38,9 +39,10 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from fcmae.crop_resize import crop_and_resize
-from fcmae.data import PretrainImages, first_good
+from fcmae.data import ImageSource, PretrainImages, first_good
 from fcmae.images import MODES_BY_CHANNELS, BadImageError, can_reduce, open_image
-from fcmae.transforms import keyed_generator
+from fcmae.pretrain_config import DataConfig
+from fcmae.transforms import PretrainTransform, keyed_generator
 
 DEVICE_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
 CHANNELS = {mode: channels for channels, mode in MODES_BY_CHANNELS.items()}
@@ -105,7 +107,22 @@ def jpeg_bytes(img: Image.Image) -> Tensor | None:
 class EncodedPretrainImages(PretrainImages):
     """:class:`PretrainImages` whose JPEGs leave the worker undecoded: key (epoch, index) ->
     ``{"encoded": EncodedCrop, "issues"}``, or ``{"pixel_values": (C, S, S) uint8, "issues"}`` for an image
-    decoded on the CPU."""
+    decoded on the CPU.
+
+    A batch fetched whole (:meth:`__getitems__`, as the loader's workers do) has its first
+    ``round(data.cpu_decode_share * B)`` samples decoded on the CPU, so that the workers take that share
+    of the decoding off the GPU's decoding thread.
+    """
+
+    def __init__(self, source: ImageSource, transform: PretrainTransform, cfg: DataConfig, in_chans: int,
+                 seed: int):
+        super().__init__(source, transform, cfg, in_chans, seed)
+        self.cpu_share = cfg.cpu_decode_share
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """The items of one batch's keys, its first ``round(cpu_decode_share * len(keys))`` decoded here."""
+        on_cpu = round(self.cpu_share * len(keys))
+        return [self.decoded_on_cpu(key) if position < on_cpu else self[key] for position, key in enumerate(keys)]
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
@@ -203,7 +220,8 @@ class DeviceCropDecoder:
             pixels[cropped] = crops
         on_cpu = [i for i, crop in enumerate(batch.crops) if crop is None]
         if on_cpu:
-            pixels[on_cpu] = batch.decoded.to(self.device)
+            # Pageable memory is staged before the call returns, so nothing waits for the decoding stream.
+            pixels[on_cpu] = batch.decoded.to(self.device, non_blocking=True)
         for i in refused:
             item = self.images.decoded_on_cpu(batch.crops[i].key)
             pixels[i], issues[i] = item["pixel_values"].to(self.device), item["issues"]

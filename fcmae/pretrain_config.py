@@ -70,6 +70,7 @@ class DataConfig:
     hflip: float = 0.5  # horizontal flip probability
     reduced_decode: bool = True  # decode JPEGs at 1/2, 1/4 or 1/8 size (DCT scaling) when the crop still fits
     decode_device: str = "cpu"  # cuda: the training process decodes and crops JPEGs on its GPU (nvJPEG)
+    cpu_decode_share: float = 0.0  # with decode_device=cuda: share of each batch the workers still decode on the CPU
     mean: tuple[float, ...] = IMAGENET_MEAN  # per-channel normalisation mean (one value per in_chans)
     std: tuple[float, ...] = IMAGENET_STD  # per-channel normalisation std
     num_workers: int = 4  # DataLoader worker processes per training process
@@ -100,6 +101,10 @@ class DataConfig:
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.decode_device in ("cpu", "cuda"), "decode_device",
                f"must be cpu or cuda, got {self.decode_device!r}")
+        _check(0.0 <= self.cpu_decode_share <= 1.0, "cpu_decode_share",
+               f"must be in [0, 1], got {self.cpu_decode_share}")
+        _check(self.cpu_decode_share == 0.0 or self.decode_device == "cuda", "cpu_decode_share",
+               "splits decoding between the workers and the GPU, so it needs decode_device=cuda")
         _check(self.max_image_pixels > 0, "max_image_pixels", "must be > 0")
         _check(self.max_bad_in_a_row >= 1, "max_bad_in_a_row", "must be >= 1")
         _check(self.num_samples is None or self.num_samples > 0, "num_samples", "must be > 0")

@@ -6,7 +6,8 @@ Measurements on one folder of ImageNet-like JPEGs (generated once into ``--data`
   the CPU, with ``data.reduced_decode`` on and off;
 * ``loader``: images/s through ``fcmae.loader.build_pretrain_loader`` (``--workers`` processes;
   ``--decode-device cpu`` decodes in them, with pinned memory on CUDA, ``cuda`` in this process on the
-  GPU), counted after the first wave of batches (one per worker);
+  GPU, less the ``--cpu-decode-share`` of each batch the workers decode), counted after the first wave
+  of batches (one per worker);
 * ``train``: images/s of ``Engine.train_one_epoch`` in a ``PretrainingRun`` (the run's accelerator,
   precision, channels-last and optional compile: ``--compile`` in the default mode, ``--compile
   reduce-overhead`` with CUDA graphs), fed by synthetic uint8 batches of the same shape, then by the real
@@ -27,6 +28,8 @@ On the GPU machine (16 cores)::
         --batch-size 128 --compile --data /tmp/imagenet_like --json input_pipeline_nvjpeg.json
     python scripts/benchmark_input.py --size tiny --backend native --workers 6 --decode-device cuda \\
         --batch-size 128 --compile reduce-overhead --data /tmp/imagenet_like --json input_pipeline_graphs.json
+    python scripts/benchmark_input.py --size tiny --backend native --workers 14 --decode-device cuda \
+        --cpu-decode-share 0.4 --batch-size 128 --compile reduce-overhead --steps 100 --data /tmp/imagenet_like
     python scripts/benchmark_input.py --smoke     # CPU-sized run used by the test suite
 """
 
@@ -164,7 +167,8 @@ def run_config(args: argparse.Namespace, output_dir: str) -> PretrainConfig:
     return load_pretrain_config(path if path.exists() else None, [
         f"model.name=convnextv2_{args.size}", f"model.backend={args.backend}", f"output_dir={output_dir}",
         f"data.input_size={args.input_size}", f"data.num_workers={args.workers}", f"train.batch_size={args.batch_size}",
-        f"data.decode_device={args.decode_device}", f"train.compile={str(args.compile is not None).lower()}",
+        f"data.decode_device={args.decode_device}", f"data.cpu_decode_share={args.cpu_decode_share}",
+        f"train.compile={str(args.compile is not None).lower()}",
         f"train.compile_mode={args.compile or 'default'}", "log.trackers=[]", "log.progress_bar=false",
     ])
 
@@ -226,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train.compile=true, in train.compile_mode MODE (default: default)")
     p.add_argument("--workers", type=int, default=16, help="data.num_workers")
     p.add_argument("--decode-device", default="cpu", choices=["cpu", "cuda"], help="data.decode_device")
+    p.add_argument("--cpu-decode-share", type=float, default=0.0,
+                   help="data.cpu_decode_share: with --decode-device cuda, the share of each batch the workers decode")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=20, help="synthetic optimizer steps before timing (compiles)")
@@ -255,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     needed = (max(train_batches, max(args.workers, 1) + args.loader_batches) + 1) * args.batch_size
     source = folder_source(args.data, math.ceil(needed / args.images))
     cfg = load_pretrain_config(None, [f"data.input_size={args.input_size}", f"data.num_workers={args.workers}",
-                                      f"data.decode_device={args.decode_device}"]).data
+                                      f"data.decode_device={args.decode_device}",
+                                      f"data.cpu_decode_share={args.cpu_decode_share}"]).data
     results = {
         "decode_ms": {str(on).lower(): decode_ms(source, dataclasses.replace(cfg, reduced_decode=on),
                                                  args.decode_images) for on in (True, False)},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import threading
@@ -59,9 +60,10 @@ def source_of(files: list[bytes]) -> ImageSource:
     return ImageSource(datasets.Dataset.from_dict({"image": files}), "image", [])
 
 
-def datasets_pair(files: list[bytes], mode: str = "RGB") -> tuple[EncodedPretrainImages, PretrainImages]:
+def datasets_pair(files: list[bytes], mode: str = "RGB",
+                  cpu_decode_share: float = 0.0) -> tuple[EncodedPretrainImages, PretrainImages]:
     """The device path's dataset and the CPU path's (full-size decoding, as the device decodes)."""
-    cfg = DataConfig(input_size=SIZE, max_bad_in_a_row=4)
+    cfg = DataConfig(input_size=SIZE, max_bad_in_a_row=4, decode_device="cuda", cpu_decode_share=cpu_decode_share)
     transform = PretrainTransform(SIZE, cfg.crop_scale, cfg.crop_ratio, 0.5, reduced_decode=False)
     in_chans = {"RGB": 3, "L": 1}[mode]
     return tuple(cls(source_of(files), transform, cfg, in_chans, seed=3)
@@ -228,6 +230,19 @@ def test_device_faults_stop_the_run_instead_of_falling_back(monkeypatch, fault):
         collate_keys(on_device, [(0, 0), (0, 1)])
 
 
+@pytest.mark.parametrize(("share", "on_workers"), [(0.0, 0), (0.3, 2), (0.5, 3), (1.0, 6)])
+def test_workers_decode_their_share_of_each_batch_as_the_cpu_path_does(share, on_workers):
+    on_device, on_cpu = datasets_pair(JPEGS[:3], cpu_decode_share=share)
+    keys = [(1, i) for i in (2, 0, 1, 1, 0, 2)]
+    items = on_device.__getitems__(keys)
+    assert ["encoded" not in item for item in items] == [True] * on_workers + [False] * (len(keys) - on_workers)
+    for item, key in zip(items[:on_workers], keys, strict=False):
+        assert torch.equal(item["pixel_values"], on_cpu[key]["pixel_values"])
+    got, want = DeviceCropDecoder(SIZE, CPU, on_device)(pack_encoded(items)), cpu_batch(on_cpu, keys)
+    assert torch.equal(got["pixel_values"][:on_workers], want["pixel_values"][:on_workers])
+    assert_same_crops(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
+
+
 def test_decode_calls_are_bounded_in_pixels_and_give_the_same_batch(monkeypatch):
     on_device, _ = datasets_pair(JPEGS)
     keys = [(0, i) for i in range(len(JPEGS))] * 2
@@ -239,14 +254,19 @@ def test_decode_calls_are_bounded_in_pixels_and_give_the_same_batch(monkeypatch)
     assert _chunks(pixels, 1) == [1] * len(pixels)  # a larger image still gets a call
 
 
-def test_loader_decoding_on_a_device_gives_the_cpu_loaders_batches():
+@pytest.mark.parametrize(("share", "files_per_call"), [(0.0, 4), (0.5, 2)])
+def test_loader_decoding_on_a_device_gives_the_cpu_loaders_batches(share, files_per_call):
     cfg = DataConfig(input_size=SIZE, num_workers=2, reduced_decode=False)
     source = source_of([encoded(photo(60 + 4 * i, 50 + 3 * i, 10 + i)) for i in range(24)])
     common = dict(in_chans=3, batch_size=4, accumulation=1, rank=0, world_size=1, seed=5)
-    on_device = build_pretrain_loader(cfg, source, decode_device=CPU, **common)
+    on_device = build_pretrain_loader(dataclasses.replace(cfg, decode_device="cuda", cpu_decode_share=share), source,
+                                      decode_device=CPU, **common)
     on_cpu = build_pretrain_loader(cfg, source, **common)
+    calls = []
+    decode = on_device.decoder.crop_on_device
+    on_device.decoder.crop_on_device = lambda encoded, files: calls.append(len(files)) or decode(encoded, files)
     batches = list(zip(on_device.epoch(1), on_cpu.epoch(1), strict=True))
-    assert len(batches) == 6
+    assert len(batches) == 6 and calls == [files_per_call] * 6
     for got, want in batches:
         assert_same_crops(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
 
@@ -258,6 +278,10 @@ def test_decode_device_is_checked_against_the_run():
         decode_device(DataConfig(decode_device="cuda"), CPU)
     with pytest.raises(ConfigError, match="decode_device"):
         DataConfig(decode_device="gpu").validate()
+    with pytest.raises(ConfigError, match="cpu_decode_share.*needs decode_device=cuda"):
+        DataConfig(cpu_decode_share=0.5).validate()
+    with pytest.raises(ConfigError, match=r"cpu_decode_share.*\[0, 1\], got 1.5"):
+        DataConfig(decode_device="cuda", cpu_decode_share=1.5).validate()
 
 
 def test_rgba_input_refuses_device_decoding():
