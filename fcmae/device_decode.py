@@ -14,10 +14,10 @@ training kernels instead of taking turns with them.
 Images nvJPEG is not given are decoded on the CPU in the worker, as without this option: not a JPEG, an
 EXIF rotation, a CMYK JPEG, a file with no end-of-image marker in its last 4 KiB (likely truncated, which
 PIL reports), and the first ``data.cpu_decode_share`` of each batch's samples, which the workers decode so
-that they share the work with the GPU. A file the device decoder refuses is redone on the CPU by the decoding thread. So broken
-files are skipped and reported as on the CPU, unless nvJPEG decodes one despite its damage. Device faults
-(out of memory, a failed kernel, also when torchvision reports them as a plain RuntimeError) stop the run
-instead.
+that they share the work with the GPU. A file the device decoder refuses is redone on the CPU by the
+decoding thread. So broken files are skipped and reported as on the CPU, unless nvJPEG decodes one
+despite its damage. Device faults (out of memory, a failed kernel, also when torchvision reports them as a
+plain RuntimeError) stop the run instead.
 
 Everything here also runs on a CPU device (libjpeg-turbo behind ``decode_jpeg``), which the tests use.
 """
@@ -144,7 +144,8 @@ class EncodedPretrainImages(PretrainImages):
         return {"encoded" if isinstance(x, EncodedCrop) else "pixel_values": x, "issues": issues}
 
     def decoded_on_cpu(self, key: tuple[int, int]) -> dict[str, Any]:
-        """The item as :class:`PretrainImages` makes it (for a file the device decoder refused)."""
+        """The item as :class:`PretrainImages` makes it (the batch's CPU share, or a file the device decoder
+        refused)."""
         return super().__getitem__(key)
 
 

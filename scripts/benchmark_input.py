@@ -28,7 +28,7 @@ On the GPU machine (16 cores)::
         --batch-size 128 --compile --data /tmp/imagenet_like --json input_pipeline_nvjpeg.json
     python scripts/benchmark_input.py --size tiny --backend native --workers 6 --decode-device cuda \\
         --batch-size 128 --compile reduce-overhead --data /tmp/imagenet_like --json input_pipeline_graphs.json
-    python scripts/benchmark_input.py --size tiny --backend native --workers 14 --decode-device cuda \
+    python scripts/benchmark_input.py --size tiny --backend native --workers 14 --decode-device cuda \\
         --cpu-decode-share 0.4 --batch-size 128 --compile reduce-overhead --steps 100 --data /tmp/imagenet_like
     python scripts/benchmark_input.py --smoke     # CPU-sized run used by the test suite
 """
