@@ -239,6 +239,18 @@ def test_input_benchmark_smoke_writes_json(tmp_path):
     assert saved["meta"]["device"] == "cpu" and saved["settings"]["size"] == "test"
 
 
+def test_input_benchmark_measures_training_in_fresh_processes(tmp_path, monkeypatch, capsys):
+    bench = _benchmark()
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the spawned processes import the script as a module
+    results = bench.main(["--smoke", "--data", str(tmp_path / "jpegs"), "--processes", "2"])
+    train = results["train"]
+    assert len(train["processes"]) == 2
+    assert all(len(p["rounds"]["ratio"]) == 2 and p["real"] > 0 for p in train["processes"])
+    assert train["ratio"] == pytest.approx(float(np.median([p["ratio"] for p in train["processes"]])))
+    assert train["real"] == pytest.approx(float(np.median([p["real"] for p in train["processes"]])))
+    assert "median of the processes'" in capsys.readouterr().out
+
+
 def test_loader_workers_run_nicer_than_the_training_process():
     cfg = DataConfig(generated_images=8, input_size=32, num_workers=1)
     loader = build_pretrain_loader(cfg, load_image_source(cfg), in_chans=3, batch_size=4, accumulation=1, rank=0,
@@ -247,3 +259,10 @@ def test_loader_workers_run_nicer_than_the_training_process():
     (worker,) = loader.loader._iterator._workers
     own = os.getpriority(os.PRIO_PROCESS, 0)
     assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(own + WORKER_NICENESS, 19)
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--steps", "--processes"])
+def test_input_benchmark_refuses_fewer_than_one(flag, capsys):
+    with pytest.raises(SystemExit):
+        _benchmark().parse_args([flag, "0"])
+    assert "--processes must be >= 1" in capsys.readouterr().err
