@@ -46,7 +46,7 @@ from fcmae.transforms import PretrainTransform, keyed_generator
 
 DEVICE_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
 CHANNELS = {mode: channels for channels, mode in MODES_BY_CHANNELS.items()}
-_END = object()  # the loader's epoch is over
+_END = object()  # a background thread's items are exhausted
 _END_OF_IMAGE = b"\xff\xd9"
 _TAIL = 4096  # bytes at a file's end searched for the end-of-image marker (padding or a trailer may follow it)
 # Decoded pixels held at once per decode call (or one larger image): bounds the device memory a batch of
@@ -54,6 +54,9 @@ _TAIL = 4096  # bytes at a file's end searched for the end-of-image marker (padd
 DECODE_PIXELS_PER_CALL = 1 << 26
 # Batches decoded ahead of the training loop (each holds its (B, C, S, S) pixels on the device).
 DECODE_AHEAD = 2
+# Loader batches received ahead of the decoding thread. Receiving one (about 16 MB through shared memory)
+# takes milliseconds that the decoding thread would otherwise wait for.
+RECEIVE_AHEAD = 4
 # Faults of the device, not of a file: they stop the run rather than send every file to the CPU.
 _DEVICE_FAULTS = (torch.OutOfMemoryError, torch.AcceleratorError)
 # torchvision re-raises what fails inside its nvJPEG call as a plain RuntimeError; these name a device fault.
@@ -286,13 +289,39 @@ def decode_ahead(batches: Iterable[EncodedBatch], decoder: DeviceCropDecoder,
     """``decoder(batch)`` for each of ``batches``, computed up to ``depth`` batches ahead in a background
     thread (on a high-priority CUDA stream of its own when the decoder's device is a GPU).
 
-    The thread also pulls ``batches`` (the loader's iterator). An error there or in the decoder is
-    raised here, at the batch where it happened. Closing this iterator stops the thread.
+    A second thread pulls ``batches`` (the loader's iterator) up to :data:`RECEIVE_AHEAD` batches ahead
+    of the decoding thread. An error in either is raised here, at the batch where it happened. Closing
+    this iterator stops both threads.
     """
     device = decoder.device
     # High priority: the GPU runs the decoder's few small kernels as soon as it can, so the thread does
     # not wait behind the training step for them; they take little from it.
     stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
+
+    def decoded() -> Iterator[tuple[dict[str, Any], torch.cuda.Event | None]]:
+        if stream is not None:  # a new thread starts on GPU 0; leaving the stream context returns there
+            torch.cuda.set_device(device)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(), \
+                contextlib.closing(_in_thread(batches, RECEIVE_AHEAD, "fcmae-receive")) as received:
+            for batch in received:
+                out = decoder(batch)
+                yield out, stream.record_event() if stream is not None else None
+
+    with contextlib.closing(_in_thread(decoded(), depth, "fcmae-device-decode")) as ready:
+        for out, done in ready:
+            if done is not None:  # the loop's stream reads what the decoding stream wrote
+                consumer = torch.cuda.current_stream(device)
+                consumer.wait_event(done)
+                out["pixel_values"].record_stream(consumer)
+            yield out
+
+
+def _in_thread(items: Iterable[Any], depth: int, name: str) -> Iterator[Any]:
+    """The items of ``items``, pulled up to ``depth`` ahead by a daemon thread called ``name``.
+
+    An error while pulling is raised here after the items before it. Closing this iterator stops the
+    thread (after the pull it is in, if any) and closes ``items``' iterator.
+    """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -306,32 +335,26 @@ def decode_ahead(batches: Iterable[EncodedBatch], decoder: DeviceCropDecoder,
         return False
 
     def work() -> None:
+        source = iter(items)
         try:
-            if stream is not None:  # a new thread starts on GPU 0; leaving the stream context returns there
-                torch.cuda.set_device(device)
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for batch in batches:
-                    out = decoder(batch)
-                    done = stream.record_event() if stream is not None else None
-                    if not offer((out, done)):
-                        return
+            for item in source:
+                if not offer(item):
+                    return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             offer(e)
             return
+        finally:
+            if hasattr(source, "close"):
+                source.close()
         offer(_END)
 
-    thread = threading.Thread(target=work, name="fcmae-device-decode", daemon=True)
+    thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
     try:
         while (item := ready.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
-            out, done = item
-            if done is not None:  # the loop's stream reads what the decoding stream wrote
-                consumer = torch.cuda.current_stream(device)
-                consumer.wait_event(done)
-                out["pixel_values"].record_stream(consumer)
-            yield out
+            yield item
     finally:
         stop.set()
         if thread is not threading.current_thread():  # a generator collected in a cycle may close in it

@@ -64,7 +64,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fcmae.data import ImageSource, PretrainImages, image_folder_dataset  # noqa: E402
-from fcmae.device_decode import DECODE_AHEAD  # noqa: E402
+from fcmae.device_decode import DECODE_AHEAD, RECEIVE_AHEAD  # noqa: E402
 from fcmae.loader import build_pretrain_loader, decode_device  # noqa: E402
 from fcmae.pretrain_config import DataConfig, PretrainConfig, TrainConfig, load_pretrain_config  # noqa: E402
 from fcmae.pretraining import PretrainingRun  # noqa: E402
@@ -182,8 +182,8 @@ def run_config(args: argparse.Namespace, output_dir: str) -> PretrainConfig:
 
 def prefetched_batches(workers: int, decode_device: str) -> int:
     """Batches a loader holds ready when its consumer pauses: ``prefetch_factor`` (2) per worker, plus the one
-    in the pinning thread, or those the device decoder holds (its queue and one in hand)."""
-    return 2 * max(workers, 1) + (DECODE_AHEAD + 1 if decode_device == "cuda" else 1)
+    in the pinning thread, or those the device decoder's two threads hold (each its queue and one in hand)."""
+    return 2 * max(workers, 1) + (DECODE_AHEAD + RECEIVE_AHEAD + 2 if decode_device == "cuda" else 1)
 
 
 def measure_training(args: argparse.Namespace, source: ImageSource) -> dict:
@@ -202,6 +202,8 @@ def measure_training(args: argparse.Namespace, source: ImageSource) -> dict:
             synthetic.append(train_images_per_s(run, synthetic_batches(args.batch_size, args.input_size, pin),
                                                 settle, args.steps))
             real.append(train_images_per_s(run, real_batches, prefetched, args.steps))
+            print(f"round {round_index + 1}/{args.rounds}: synthetic {synthetic[-1]:.1f} img/s, "
+                  f"real {real[-1]:.1f} img/s", flush=True)
         device = run.accelerator.device
         precision = run.accelerator.mixed_precision
     medians = statistics.median(synthetic), statistics.median(real)

@@ -314,10 +314,30 @@ class RecordingDecoder:
         return {"pixel_values": torch.full((1,), batch), "issues": []}
 
 
+BACKGROUND_THREADS = {"fcmae-device-decode", "fcmae-receive"}
+
+
+def running_background_threads() -> set[str]:
+    return BACKGROUND_THREADS & {t.name for t in threading.enumerate()}
+
+
 def test_decoding_ahead_gives_every_batch_in_order_from_a_background_thread():
     decoder = RecordingDecoder()
     got = [int(b["pixel_values"]) for b in decode_ahead(iter(range(7)), decoder, depth=2)]
     assert got == list(range(7)) and set(decoder.threads) == {"fcmae-device-decode"}
+
+
+def test_the_loaders_batches_are_received_by_a_thread_of_their_own():
+    pulled_by = []
+
+    def loader():
+        for i in range(5):
+            pulled_by.append(threading.current_thread().name)
+            yield i
+
+    assert [int(b["pixel_values"]) for b in decode_ahead(loader(), RecordingDecoder())] == list(range(5))
+    assert set(pulled_by) == {"fcmae-receive"}
+    assert not running_background_threads()
 
 
 def test_an_error_while_decoding_ahead_reaches_the_loop_at_its_batch():
@@ -326,6 +346,20 @@ def test_an_error_while_decoding_ahead_reaches_the_loop_at_its_batch():
         for b in decode_ahead(iter(range(7)), RecordingDecoder(fail_at=3)):
             got.append(int(b["pixel_values"]))
     assert got == [0, 1, 2]
+    assert not running_background_threads()
+
+
+def test_an_error_in_the_loader_reaches_the_loop_at_its_batch():
+    def loader():
+        yield from range(3)
+        raise OSError("worker 2 died")
+
+    got = []
+    with pytest.raises(OSError, match="worker 2 died"):
+        for b in decode_ahead(loader(), RecordingDecoder()):
+            got.append(int(b["pixel_values"]))
+    assert got == [0, 1, 2]
+    assert not running_background_threads()
 
 
 def test_leaving_an_epoch_early_while_the_thread_waits_for_the_loader_stops_it():
@@ -336,20 +370,25 @@ def test_leaving_an_epoch_early_while_the_thread_waits_for_the_loader_stops_it()
 
     batches = decode_ahead(slow(), RecordingDecoder(), depth=2)
     assert int(next(batches)["pixel_values"]) == 0
-    batches.close()  # the thread is inside next(slow()): it finishes that pull, then stops
-    assert "fcmae-device-decode" not in {t.name for t in threading.enumerate()}
+    batches.close()  # the receiving thread is inside next(slow()): it finishes that pull, then stops
+    assert not running_background_threads()
 
 
-def test_leaving_an_epoch_early_stops_the_decoding_thread():
-    pulled = []
+def test_leaving_an_epoch_early_stops_both_threads_and_closes_the_loaders_iterator():
+    pulled, closed = [], []
 
     def endless():
-        while True:
-            pulled.append(len(pulled))
-            yield len(pulled) - 1
+        try:
+            while True:
+                pulled.append(len(pulled))
+                yield len(pulled) - 1
+        finally:
+            closed.append(threading.current_thread().name)
 
     batches = decode_ahead(endless(), RecordingDecoder(), depth=2)
     assert int(next(batches)["pixel_values"]) == 0
     batches.close()
-    assert "fcmae-device-decode" not in {t.name for t in threading.enumerate()}
-    assert len(pulled) <= 1 + 2 + 2  # the one consumed, the queue, one in hand and one waiting to be offered
+    assert not running_background_threads()
+    assert closed == ["fcmae-receive"]
+    # The one consumed; per thread its queue, one in hand and one waiting to be offered.
+    assert len(pulled) <= 1 + (2 + 2) + (device_decode.RECEIVE_AHEAD + 2)
