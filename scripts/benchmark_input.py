@@ -19,9 +19,9 @@ Measurements on one folder of ImageNet-like JPEGs (generated once into ``--data`
 
 Processes of the same code on one machine differ more than the rounds within one: with CUDA graphs on
 an H200, real / synthetic was 0.805 in one process and 0.654 in another of the same call, while each
-process's rounds agreed within 0.09. ``--processes N`` runs the training measurement in N fresh processes
-one after another (the decode and loader figures are measured once) and reports the median of their
-ratios.
+process's rounds agreed within 0.09. ``--processes N`` runs the whole benchmark in N fresh processes of
+this script, one after another, and reports the medians of their figures (the training loop's ratio is
+the median of the processes' ratios).
 
 The folder's file list is repeated so that one epoch outlasts warm-up and measurement: an epoch end
 stalls every worker at once, which a real corpus (thousands of batches per epoch) almost never sees.
@@ -45,9 +45,9 @@ import argparse
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -213,26 +213,35 @@ def measure_training(args: argparse.Namespace, source: ImageSource) -> dict:
             "device_type": device.type, "precision": precision}
 
 
-def measure_training_apart(args: argparse.Namespace, repeat: int) -> dict:
-    """:func:`measure_training` in ``args.processes`` fresh processes, one after another (spawned, so none
-    inherits this process's CUDA context); each reads the folder repeated ``repeat`` times.
+def measure_in_processes(argv: list[str], processes: int) -> dict:
+    """The whole benchmark in ``processes`` fresh processes of this script, one after another (each prints its
+    own table as it ends). They are ordinary ``python benchmark_input.py`` processes: the way these
+    measurements ran on the GPU machine.
 
     Returns:
-        The medians over processes of their synthetic and real speeds and of their ratios, and each
-        process's own results under ``processes``.
+        The medians over processes of the decode and loader figures and of the training loop's synthetic and
+        real speeds and ratios; each process's training results under ``train["processes"]``.
     """
     runs = []
-    for _ in range(args.processes):
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as process:
-            runs.append(process.submit(_measure_training_of_folder, args, repeat).result())
-    return {"synthetic": statistics.median(r["synthetic"] for r in runs),
-            "real": statistics.median(r["real"] for r in runs),
-            "ratio": statistics.median(r["ratio"] for r in runs),
-            "processes": runs, "device_type": runs[0]["device_type"], "precision": runs[0]["precision"]}
-
-
-def _measure_training_of_folder(args: argparse.Namespace, repeat: int) -> dict:
-    return measure_training(args, folder_source(args.data, repeat))
+    with tempfile.TemporaryDirectory() as scratch:
+        for index in range(processes):
+            print(f"process {index + 1}/{processes}", flush=True)
+            out = Path(scratch) / f"{index}.json"
+            # The last occurrence of an option wins, so these override the caller's.
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv,
+                                   "--processes", "1", "--json", str(out)], check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"benchmark process {index + 1}/{processes} exited with {done.returncode}")
+            runs.append(json.loads(out.read_text()))
+    trains = [run["train"] for run in runs]
+    return {
+        "decode_ms": {key: statistics.median(run["decode_ms"][key] for run in runs) for key in runs[0]["decode_ms"]},
+        "loader": statistics.median(run["loader"] for run in runs),
+        "train": {"synthetic": statistics.median(t["synthetic"] for t in trains),
+                  "real": statistics.median(t["real"] for t in trains),
+                  "ratio": statistics.median(t["ratio"] for t in trains),
+                  "processes": trains, "device_type": trains[0]["device_type"], "precision": trains[0]["precision"]},
+    }
 
 
 def print_table(results: dict) -> None:
@@ -291,22 +300,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every measurement; print a table; write JSON when asked. Returns the results."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     make_jpeg_folder(args.data, args.images, args.image_scale)
-    # real rounds only
-    train_batches = args.rounds * (prefetched_batches(args.workers, args.decode_device) + args.steps)
-    needed = (max(train_batches, max(args.workers, 1) + args.loader_batches) + 1) * args.batch_size
-    repeat = math.ceil(needed / args.images)
-    source = folder_source(args.data, repeat)
-    cfg = load_pretrain_config(None, [f"data.input_size={args.input_size}", f"data.num_workers={args.workers}",
-                                      f"data.decode_device={args.decode_device}",
-                                      f"data.cpu_decode_share={args.cpu_decode_share}"]).data
-    results = {
-        "decode_ms": {str(on).lower(): decode_ms(source, dataclasses.replace(cfg, reduced_decode=on),
-                                                 args.decode_images) for on in (True, False)},
-        "loader": loader_images_per_s(cfg, source, args.batch_size, args.loader_batches),
-        "train": measure_training(args, source) if args.processes == 1 else measure_training_apart(args, repeat),
-    }
+    results = measure_in_processes(argv, args.processes) if args.processes > 1 else measure(args)
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results["meta"] = {
         "device": torch.cuda.get_device_name() if results["train"]["device_type"] == "cuda" else "cpu",
@@ -316,6 +313,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """The decode, loader and training measurements in this process."""
+    # real rounds only
+    train_batches = args.rounds * (prefetched_batches(args.workers, args.decode_device) + args.steps)
+    needed = (max(train_batches, max(args.workers, 1) + args.loader_batches) + 1) * args.batch_size
+    repeat = math.ceil(needed / args.images)
+    source = folder_source(args.data, repeat)
+    cfg = load_pretrain_config(None, [f"data.input_size={args.input_size}", f"data.num_workers={args.workers}",
+                                      f"data.decode_device={args.decode_device}",
+                                      f"data.cpu_decode_share={args.cpu_decode_share}"]).data
+    return {
+        "decode_ms": {str(on).lower(): decode_ms(source, dataclasses.replace(cfg, reduced_decode=on),
+                                                 args.decode_images) for on in (True, False)},
+        "loader": loader_images_per_s(cfg, source, args.batch_size, args.loader_batches),
+        "train": measure_training(args, source),
+    }
 
 
 if __name__ == "__main__":

@@ -239,16 +239,26 @@ def test_input_benchmark_smoke_writes_json(tmp_path):
     assert saved["meta"]["device"] == "cpu" and saved["settings"]["size"] == "test"
 
 
-def test_input_benchmark_measures_training_in_fresh_processes(tmp_path, monkeypatch, capsys):
+def test_input_benchmark_measures_in_fresh_processes(tmp_path, capfd):
     bench = _benchmark()
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the spawned processes import the script as a module
-    results = bench.main(["--smoke", "--data", str(tmp_path / "jpegs"), "--processes", "2"])
+    out = tmp_path / "apart.json"
+    results = bench.main(["--smoke", "--data", str(tmp_path / "jpegs"), "--processes", "2", "--json", str(out)])
     train = results["train"]
-    assert len(train["processes"]) == 2
+    assert len(train["processes"]) == 2 and json.loads(out.read_text())["settings"]["processes"] == 2
+    assert results["loader"] > 0 and set(results["decode_ms"]) == {"true", "false"}
     assert all(len(p["rounds"]["ratio"]) == 2 and p["real"] > 0 for p in train["processes"])
     assert train["ratio"] == pytest.approx(float(np.median([p["ratio"] for p in train["processes"]])))
     assert train["real"] == pytest.approx(float(np.median([p["real"] for p in train["processes"]])))
-    assert "median of the processes'" in capsys.readouterr().out
+    printed = capfd.readouterr().out
+    assert "process 2/2" in printed and printed.count("real / synthetic") == 3  # each process's table, then theirs
+    assert "median of the processes'" in printed
+
+
+def test_a_failed_benchmark_process_stops_the_benchmark(tmp_path, monkeypatch):
+    bench = _benchmark()
+    monkeypatch.setattr(bench.sys, "executable", "false")  # every process exits with 1 at once
+    with pytest.raises(RuntimeError, match="process 1/2 exited with 1"):
+        bench.main(["--smoke", "--data", str(tmp_path / "jpegs"), "--processes", "2"])
 
 
 def test_loader_workers_run_nicer_than_the_training_process():
