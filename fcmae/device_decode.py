@@ -7,9 +7,10 @@ keyed generator before any pixel is decoded, exactly as the CPU path does
 :func:`decode_ahead` runs :class:`DeviceCropDecoder` in a background thread, a few batches ahead of the
 loop: nvJPEG (``torchvision.io.decode_jpeg`` on the device; the GPU's hardware JPEG decoder where it has
 one) decodes the batch's files on torchvision's own stream while the thread waits, then the thread's
-high-priority stream crops, resizes (bicubic, antialiased) and flips them. The loop gets uint8
-``(B, C, S, S)`` pixels already on the GPU. One CUDA context does all the work, so decoding overlaps the
-training kernels instead of taking turns with them.
+high-priority stream crops, resizes (bicubic, antialiased) and flips them. A second thread receives the
+workers' batches a few ahead of the decoding thread. The loop gets uint8 ``(B, C, S, S)`` pixels already
+on the GPU. One CUDA context does all the work, so decoding overlaps the training kernels instead of
+taking turns with them.
 
 Images nvJPEG is not given are decoded on the CPU in the worker, as without this option: not a JPEG, an
 EXIF rotation, a CMYK JPEG, a file with no end-of-image marker in its last 4 KiB (likely truncated, which
