@@ -89,7 +89,8 @@ class Engine:
 
         Args:
             batches: ``{"pixel_values": (B, C, S, S) uint8, "issues": [...]}`` (a :class:`fcmae.loader.PretrainLoader`
-                epoch); pixels are normalised on the device, channels-last when the model is.
+                epoch); pixels are normalised on the device, channels-last when the model is. Other keys ride
+                along: the loop lets go of each batch once its GPU work is queued.
             on_step: called with each optimizer step's :class:`StepStats`.
 
         Returns:
@@ -112,6 +113,9 @@ class Engine:
             with acc.accumulate(self.model):
                 loss = self.model(imgs, generator=generator).loss
                 acc.backward(loss)
+                # Freed while the GPU runs this micro-batch, not when the next one starts and the GPU waits on
+                # the host: a batch may hold a loader worker's shared memory (see fcmae.device_decode).
+                batch = pixels = imgs = None
                 loss_sum += loss.detach().float()
                 micro += 1
                 state.batch_in_epoch += 1

@@ -71,7 +71,8 @@ class PretrainLoader:
 
     Pixels are normalised on the training device (:func:`fcmae.transforms.normalize_pixels`). With a
     ``decoder`` the workers' batches are :class:`fcmae.device_decode.EncodedBatch` es, decoded on the
-    decoder's device a few batches ahead (the pixels arrive there).
+    decoder's device a few batches ahead (the pixels arrive there); each micro-batch then also carries its
+    ``worker_batch``, for the training loop to free (see :class:`fcmae.device_decode.DeviceCropDecoder`).
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, batches_per_epoch: int, loader_kwargs: dict[str, Any],

@@ -392,3 +392,33 @@ def test_leaving_an_epoch_early_stops_both_threads_and_closes_the_loaders_iterat
     assert closed == ["fcmae-receive"]
     # The one consumed; per thread its queue, one in hand and one waiting to be offered.
     assert len(pulled) <= 1 + (2 + 2) + (device_decode.RECEIVE_AHEAD + 2)
+
+
+def test_each_workers_batch_is_freed_by_the_consumer_that_drops_it():
+    """A worker's batch holds shared memory, whose unmapping holds the GIL: it travels with its pixels and is
+    freed where the training loop drops them, never in the receiving or decoding thread."""
+    import gc
+    import weakref
+
+    on_device, _ = datasets_pair(JPEGS[:3], cpu_decode_share=0.5)
+    freed_in: list[str] = []
+    batches = [pack_encoded(on_device.__getitems__([(epoch, i) for i in range(3)])) for epoch in range(6)]
+    for batch in batches:
+        weakref.finalize(batch, lambda: freed_in.append(threading.current_thread().name))
+    del batch
+
+    def slow_loader():  # the threads wait for the next batch while the loop drops the last (each holds none)
+        while batches:
+            time.sleep(0.1)
+            yield batches.pop(0)  # the pipeline holds the only references
+
+    gc.disable()  # a collection could free a batch in whichever thread it ran
+    try:
+        for item in decode_ahead(slow_loader(), DeviceCropDecoder(SIZE, CPU, on_device), depth=2):  # (enumerate
+            assert isinstance(item["worker_batch"], device_decode.EncodedBatch)  # would keep the last item)
+            received = len(freed_in)
+            del item
+            assert len(freed_in) == received + 1
+    finally:
+        gc.enable()
+    assert freed_in == ["MainThread"] * 6

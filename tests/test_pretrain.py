@@ -159,6 +159,38 @@ def test_cuda_graph_iterations_begin_once_per_optimizer_step(tmp_path, monkeypat
     assert all(torch.isfinite(torch.tensor(s.loss)) for s in steps)
 
 
+def test_the_loop_frees_each_batch_before_its_optimizer_step_waits_for_the_gpu(tmp_path, monkeypatch):
+    """A batch may hold a loader worker's shared memory, whose unmapping holds the GIL: the loop lets go of it
+    once the micro-batch's GPU work is queued, not at the next batch, when the GPU waits on the host."""
+    import itertools
+    import weakref
+
+    from fcmae.engine import Engine
+    from fcmae.pretraining import PretrainingRun
+
+    run = PretrainingRun(tiny_config(tmp_path / "run", "data.generated_images=8", "train.batch_size=2"))
+    freed, freed_at_step = [], []
+    prepared = [dict(batch, held=Marker()) for batch in itertools.islice(run.loader.epoch(0), 3)]
+    for batch in prepared:
+        weakref.finalize(batch["held"], freed.append, True)
+    del batch
+
+    def handed_over():  # keeps no reference to what it yielded
+        while prepared:
+            yield prepared.pop(0)
+
+    step = Engine.optimizer_step
+    monkeypatch.setattr(Engine, "optimizer_step",
+                        lambda self, loss: freed_at_step.append(len(freed)) or step(self, loss))
+    steps = []
+    run.engine().train_one_epoch(handed_over(), lambda stats: steps.append(stats) or len(steps) == 3)
+    assert freed_at_step == [1, 2, 3]
+
+
+class Marker:
+    """Something a batch holds, to see when it is freed."""
+
+
 def test_compiled_run_exports_unprefixed_weights(tmp_path):
     """``train.compile`` wraps the model (``_orig_mod.``); the exported files keep the plain model's keys."""
     cfg = tiny_config(tmp_path / "run", "data.generated_images=8", "train.max_steps=1", "train.compile=true",
