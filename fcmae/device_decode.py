@@ -311,9 +311,9 @@ def decode_ahead(batches: Iterable[EncodedBatch], decoder: DeviceCropDecoder,
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(), \
                 contextlib.closing(_in_thread(batches, RECEIVE_AHEAD, "fcmae-receive")) as received:
             for batch in received:
-                out = [decoder(batch)]
-                del batch  # neither name may hold the batch past the yield (see _in_thread)
-                yield out.pop(), stream.record_event() if stream is not None else None
+                box = [decoder(batch)]
+                del batch  # a name would hold the batch past the yield (see _in_thread)
+                yield box.pop(), stream.record_event() if stream is not None else None
 
     with contextlib.closing(_in_thread(decoded(), depth, "fcmae-device-decode")) as ready:
         for out, done in ready:
@@ -321,9 +321,9 @@ def decode_ahead(batches: Iterable[EncodedBatch], decoder: DeviceCropDecoder,
                 consumer = torch.cuda.current_stream(device)
                 consumer.wait_event(done)
                 out["pixel_values"].record_stream(consumer)
-            held = [out]
+            box = [out]
             del out
-            yield held.pop()
+            yield box.pop()
 
 
 def _in_thread(items: Iterable[Any], depth: int, name: str) -> Iterator[Any]:
@@ -365,10 +365,13 @@ def _in_thread(items: Iterable[Any], depth: int, name: str) -> Iterator[Any]:
     thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
     try:
-        while (item := [ready.get()])[0] is not _END:
-            if isinstance(item[0], BaseException):
-                raise item[0]
-            yield item.pop()
+        while True:
+            box = [ready.get()]  # yielded out of the box: a name would hold the item until the next one
+            if box[0] is _END:
+                break
+            if isinstance(box[0], BaseException):
+                raise box[0]
+            yield box.pop()
     finally:
         stop.set()
         if thread is not threading.current_thread():  # a generator collected in a cycle may close in it
