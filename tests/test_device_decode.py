@@ -414,8 +414,9 @@ def test_each_workers_batch_is_freed_by_the_consumer_that_drops_it():
 
     gc.disable()  # a collection could free a batch in whichever thread it ran
     try:
-        for item in decode_ahead(slow_loader(), DeviceCropDecoder(SIZE, CPU, on_device), depth=2):  # (enumerate
-            assert isinstance(item["worker_batch"], device_decode.EncodedBatch)  # would keep the last item)
+        # A plain loop: enumerate() would keep the last item alive itself.
+        for item in decode_ahead(slow_loader(), DeviceCropDecoder(SIZE, CPU, on_device), depth=2):
+            assert isinstance(item["worker_batch"], device_decode.EncodedBatch)
             received = len(freed_in)
             del item
             assert len(freed_in) == received + 1
