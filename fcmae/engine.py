@@ -11,6 +11,11 @@ gradient norm are checked. If either is not finite, the update is skipped on eve
 checkpoint with damaged weights is ever written. Under fp16, a finite loss with overflowing
 gradients is the scaler's normal business: the scaler skips that update itself and it is not
 counted.
+
+Where the optimizer can skip an update on the device (fused AdamW takes a ``found_inf`` flag, as
+``torch.amp.GradScaler`` passes it), the check runs there: the update is queued with its flag, and the
+host reads the loss and norm afterwards, in one wait for the GPU. The host's share of the step (the
+optimizer's Python) then overlaps the backward pass instead of following it while the GPU idles.
 """
 
 from __future__ import annotations
@@ -158,19 +163,19 @@ def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.
     acc = accelerator
     lr = schedule(state.step)
     apply_lr(optimizer, lr)
-    grad_norm = float(acc.clip_grad_norm_(model.parameters(), clip_grad or math.inf))
-    loss = float(acc.reduce(local_loss, reduction="mean"))
+    grad_norm = acc.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
+    loss = acc.reduce(local_loss, reduction="mean")
+    if acc.scaler is None and skips_on_device(optimizer):
+        loss, grad_norm = step_checked_on_device(optimizer, loss, grad_norm)
+        fp16_overflow = False
+    else:
+        loss, grad_norm, fp16_overflow = step_checked_on_host(acc, optimizer, loss, grad_norm)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    fp16_overflow = acc.scaler is not None and math.isfinite(loss)
     if finite or fp16_overflow:
-        optimizer.step()
         state.nonfinite_in_a_row = 0
     else:
-        if acc.scaler is not None:
-            acc.scaler.update()
         state.nonfinite_in_a_row += 1
         state.nonfinite_total += 1
-    optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.images_seen += global_batch
     if state.nonfinite_in_a_row >= stop_after_nonfinite:
@@ -180,6 +185,50 @@ def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.
             f"checkpoint is intact. Try a lower optim.blr, optim.clip_grad, or bf16 instead of fp16."
         )
     return StepStats(loss=loss, lr=lr, grad_norm=grad_norm, skipped=not finite)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True when the optimizer (inside accelerate's wrapper) honours a ``found_inf`` flag on the device: the
+    contract ``torch.amp.GradScaler`` relies on, which torch's fused optimizers declare."""
+    return getattr(getattr(optimizer, "optimizer", optimizer), "_step_supports_amp_scaling", False)
+
+
+def step_checked_on_device(optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Tensor) -> tuple[float, float]:
+    """Queue the step, skipped on the device (parameters, moments and step counts untouched) when the ()
+    ``loss`` or ``grad_norm`` is not finite, and drop the gradients; then wait for the two as floats."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
+    optimizer.zero_grad(set_to_none=True)
+    return host_values(loss, grad_norm)
+
+
+def step_checked_on_host(accelerator: Accelerator, optimizer: torch.optim.Optimizer, loss: Tensor,
+                         grad_norm: Tensor) -> tuple[float, float, bool]:
+    """Wait for the () ``loss`` and ``grad_norm``, step unless one is not finite, drop the gradients.
+
+    Returns:
+        The loss, the gradient norm, and whether this was an fp16 overflow: a finite loss with overflowing
+        gradients, stepped through the scaler, which skips that update itself.
+    """
+    loss_value, norm_value = host_values(loss, grad_norm)
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    fp16_overflow = accelerator.scaler is not None and math.isfinite(loss_value) and not finite
+    if finite or fp16_overflow:
+        optimizer.step()
+    elif accelerator.scaler is not None:
+        accelerator.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value, fp16_overflow
+
+
+def host_values(loss: Tensor, grad_norm: Tensor) -> tuple[float, float]:
+    """The two () tensors as Python floats, in one copy (one wait for the device)."""
+    loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()
+    return loss_value, norm_value
 
 
 def parameters_finite(accelerator: Accelerator, model: nn.Module) -> bool:
