@@ -187,16 +187,21 @@ def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.
     return StepStats(loss=loss, lr=lr, grad_norm=grad_norm, skipped=not finite)
 
 
+def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper (or ``optimizer`` itself when unwrapped)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """True when the optimizer (inside accelerate's wrapper) honours a ``found_inf`` flag on the device: the
-    contract ``torch.amp.GradScaler`` relies on, which torch's fused optimizers declare."""
-    return getattr(getattr(optimizer, "optimizer", optimizer), "_step_supports_amp_scaling", False)
+    """True when the optimizer honours a ``found_inf`` flag on the device: the contract ``torch.amp.GradScaler``
+    relies on, which torch's fused optimizers declare."""
+    return getattr(unwrapped(optimizer), "_step_supports_amp_scaling", False)
 
 
 def step_checked_on_device(optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Tensor) -> tuple[float, float]:
     """Queue the step, skipped on the device (parameters, moments and step counts untouched) when the ()
     ``loss`` or ``grad_norm`` is not finite, and drop the gradients; then wait for the two as floats."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = unwrapped(optimizer)
     inner.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
     try:
         optimizer.step()
