@@ -12,6 +12,10 @@ The weights are torch's: Keys' cubic with a = -0.5, its support widened by the s
 each output's window cut at the crop's edges and normalised to sum 1. The sums run as float32 matmuls
 (TF32 only where the process allows it), so the result is torch's float path within rounding: at most
 one level apart after rounding to uint8.
+
+On CUDA with Triton, :mod:`fcmae.crop_resize_kernel` does the same resampling in two kernels that work on
+each output's window only; these matmuls are the pure PyTorch path elsewhere and the reference it is
+tested against.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import math
 import torch
 from torch import Tensor
 
+from fcmae.crop_resize_kernel import crop_resize_with_kernels, kernel_available
+
 _A = -0.5  # Keys' cubic, as torch's antialiased bicubic filter
 # Padded crop pixels resized per call (each takes C x 4 bytes of float32 twice over, and 4 bytes of gather
 # index): bounds the memory one call takes when a batch holds a few very large crops. On top of that, a
 # call copies its whole images once (C bytes a pixel) and holds (2 x crops, S, longest side) float32 weights.
+# The kernels count each crop as its height x max(width, S), the float32 buffer of its rows resized to S.
 PIXELS_PER_CALL = 1 << 25
 
 
@@ -90,9 +97,14 @@ def crop_and_resize(images: list[Tensor], boxes: list[tuple[int, int, int, int]]
         if height < 1 or width < 1 or top < 0 or left < 0 or top + height > img.shape[1] or left + width > img.shape[2]:
             raise ValueError(f"crop (top, left, height, width) = {(top, left, height, width)} is empty or leaves "
                              f"its image of {tuple(img.shape[1:])}")
-    out = []
-    for start, stop in _groups([box[2:] for box in boxes], PIXELS_PER_CALL):
-        out.append(_resize_group(images[start:stop], boxes[start:stop], size, flips[start:stop]))
+    if kernel_available(images):
+        # the kernels' buffer holds each crop's rows at S columns
+        shapes, resize = [(h, max(w, size)) for _, _, h, w in boxes], crop_resize_with_kernels
+        images = [img.contiguous() for img in images]
+    else:
+        shapes, resize = [box[2:] for box in boxes], _resize_group
+    out = [resize(images[start:stop], boxes[start:stop], size, flips[start:stop])
+           for start, stop in _groups(shapes, PIXELS_PER_CALL)]
     return out[0] if len(out) == 1 else torch.cat(out)
 
 

@@ -9,6 +9,7 @@ from torchvision.transforms import InterpolationMode
 
 import fcmae.crop_resize as crop_resize
 from fcmae.crop_resize import _groups, crop_and_resize
+from tests.helpers import run_in_triton_interpreter
 
 # shrink, keep, enlarge, from one pixel, and extreme aspect ratios
 SHAPES = [(100, 150), (224, 224), (40, 30), (500, 333), (7, 300), (1, 5), (64, 64), (1, 1), (900, 3), (2, 640)]
@@ -82,3 +83,38 @@ def test_no_crops_or_flips_not_one_per_crop_is_an_error():
 def test_an_empty_crop_or_one_outside_its_image_is_an_error_not_garbage(box):
     with pytest.raises(ValueError, match=r"is empty or leaves its image of \(4, 4\)"):
         crop_and_resize(crops_of([(4, 4), (4, 4)]), [(0, 0, 4, 4), box], 8, [False, False])
+
+
+_INTERPRETED_CHECK = """
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+from fcmae.crop_resize_kernel import crop_resize_with_kernels
+
+g = torch.Generator().manual_seed(3)
+# shrink, enlarge, one pixel, extreme aspect ratios, crops inside larger images; sizes of one and two column tiles
+cases = [(3, 24, [((40, 30), (0, 0, 40, 30)), ((50, 70), (10, 5, 33, 60)), ((9, 9), (4, 4, 1, 1)),
+                  ((5, 80), (0, 3, 5, 77)), ((30, 12), (2, 0, 28, 12))]),
+         (1, 260, [((20, 30), (0, 0, 20, 30)), ((6, 300), (1, 0, 4, 290))])]
+differing = worst = 0
+for channels, size, crops in cases:
+    images = [torch.randint(0, 256, (channels, *shape), generator=g, dtype=torch.uint8) for shape, _ in crops]
+    boxes = [box for _, box in crops]
+    flips = [i % 2 == 1 for i in range(len(crops))]
+    got = crop_resize_with_kernels(images, boxes, size, flips)
+    for img, (top, left, h, w), flip, out in zip(images, boxes, flips, got, strict=True):
+        want = TF.resize(img[:, top:top + h, left:left + w].float(), [size, size],
+                         interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 255).round()
+        diff = (out.int() - (want.flip(-1) if flip else want).int()).abs()
+        differing, worst = differing + int((diff > 0).sum()), max(worst, int(diff.max()))
+print(differing, worst)
+"""
+
+
+def test_triton_kernels_resize_as_torch_in_interpreter():
+    """The CUDA kernels, run by Triton's CPU interpreter: crops cut from inside their images, mirrored, shrunk
+    and enlarged, against torch's float kernel."""
+    pytest.importorskip("triton")
+    differing, worst = run_in_triton_interpreter(_INTERPRETED_CHECK)
+    pixels = 3 * 5 * 24 * 24 + 2 * 260 * 260
+    assert worst <= 1 and differing <= 1e-3 * pixels

@@ -139,6 +139,27 @@ def _pixel_diff(got: torch.Tensor, want: torch.Tensor) -> tuple[float, int]:
     return diff.float().mean().item(), int(diff.max())
 
 
+def test_crop_kernels_match_the_matmuls_on_a_batch_of_photo_sized_crops():
+    """The Triton crop kernels against the pure PyTorch path on the same device: 77 crops as the decoder
+    gets them (photo-sized images, random boxes shrunk or enlarged to 224, some mirrored)."""
+    from fcmae.crop_resize import _resize_group, crop_and_resize
+
+    g = torch.Generator().manual_seed(0)
+    draw = lambda low, high: int(torch.randint(low, high + 1, (), generator=g))  # noqa: E731
+    images, boxes = [], []
+    for i in range(77):
+        h, w = (375, 500) if i % 4 else (500, 333)
+        height, width = draw(60, h), draw(60, w)
+        top, left = draw(0, h - height), draw(0, w - width)
+        images.append(torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).cuda())
+        boxes.append((top, left, height, width))
+    flips = [i % 3 == 0 for i in range(77)]
+    got = crop_and_resize(images, boxes, 224, flips)
+    want = _resize_group(images, boxes, 224, flips)
+    diff = (got.int() - want.int()).abs()
+    assert got.shape == want.shape and diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
 def test_nvjpeg_crops_are_close_to_the_cpu_paths():
     """The same crops and flips; nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level
     or two, the resampling kernel is the float one of the GPU."""
