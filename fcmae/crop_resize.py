@@ -20,12 +20,10 @@ tested against.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from fcmae.crop_resize_kernel import crop_resize_with_kernels, kernel_available
+from fcmae.crop_resize_kernel import crop_resize_with_kernels, kernel_available, window_length
 
 _A = -0.5  # Keys' cubic, as torch's antialiased bicubic filter
 # Padded crop pixels resized per call (each takes C x 4 bytes of float32 twice over, and 4 bytes of gather
@@ -63,7 +61,7 @@ def resampling_weights(lengths: Tensor, out_size: int, padded: int) -> Tensor:
     end = torch.minimum((center + support + 0.5).trunc(), lengths[:, None, None])
     # Each output's window (end - first <= 2 x support + 1 inputs) is computed alone, then placed: elementwise
     # work on (B, S, window), not on (B, S, L).
-    window = min(padded, math.ceil(4 * max(1.0, padded / out_size)) + 1)
+    window = window_length(padded, out_size)
     position = first + torch.arange(window, device=lengths.device, dtype=torch.float32)  # (B, S, window)
     taps = keys_cubic((position - center + 0.5) * inverse) * (position < end)
     taps = taps / taps.sum(-1, keepdim=True)
