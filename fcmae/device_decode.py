@@ -41,15 +41,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from fcmae.crop_resize import crop_and_resize
 from fcmae.data import ImageSource, PretrainImages, first_good
-from fcmae.images import MODES_BY_CHANNELS, BadImageError, can_reduce, open_image
+from fcmae.images import MODES_BY_CHANNELS, can_reduce, jpeg_bytes, open_image
 from fcmae.pretrain_config import DataConfig
 from fcmae.transforms import PretrainTransform, keyed_generator
 
 DEVICE_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
 CHANNELS = {mode: channels for channels, mode in MODES_BY_CHANNELS.items()}
 _END = object()  # a background thread's items are exhausted
-_END_OF_IMAGE = b"\xff\xd9"
-_TAIL = 4096  # bytes at a file's end searched for the end-of-image marker (padding or a trailer may follow it)
 # Decoded pixels held at once per decode call (or one larger image): bounds the device memory a batch of
 # huge photos needs.
 DECODE_PIXELS_PER_CALL = 1 << 26
@@ -89,23 +87,6 @@ def device_decodable(img: Image.Image, mode: str) -> bool:
     """Whether an opened image can be decoded by nvJPEG into ``mode`` as PIL would: an undecoded JPEG in L or
     RGB, without EXIF rotation, for an L or RGB target."""
     return mode in DEVICE_READ_MODES and img.mode in DEVICE_READ_MODES and can_reduce(img)
-
-
-def jpeg_bytes(img: Image.Image) -> Tensor | None:
-    """The whole file behind an opened, undecoded JPEG as (N,) uint8; None when its last 4 KiB hold no
-    end-of-image marker (a truncated file goes to PIL, which reports it). PIL can still decode ``img`` after.
-
-    Raises:
-        BadImageError: the file cannot be read.
-    """
-    try:
-        img.fp.seek(0)
-        data = img.fp.read()
-    except OSError as e:
-        raise BadImageError("unreadable", f"cannot read: {e.strerror or e}") from None
-    if data.rfind(_END_OF_IMAGE, max(0, len(data) - _TAIL)) < 0:
-        return None
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 class EncodedPretrainImages(PretrainImages):

@@ -4,7 +4,9 @@ Every decode either returns a PIL image in the requested mode plus the list of c
 applied, or raises :class:`BadImageError` with a short reason. Nothing here stops a run: callers
 count and report (see :class:`DataIssues`). :func:`decode_image` is :func:`open_image` (the header)
 then :func:`load_image` (the pixels); a caller that knows its crop from the header size can ask
-:func:`load_image` for a JPEG decoded at 1/2, 1/4 or 1/8 size.
+:func:`load_image` for a JPEG decoded at 1/2, 1/4 or 1/8 size. :func:`decode_plain_jpeg` decodes a
+plain JPEG straight into a uint8 tensor with libjpeg-turbo (through torchvision), the same pixels as
+:func:`load_image` at less cost, and leaves every other file to it.
 
 Conversions (each reported, never silent):
 
@@ -29,13 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 MODES_BY_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _ALPHA_BACKGROUND = (255, 255, 255)
 _EXIF_ORIENTATION = 0x0112
+_END_OF_IMAGE = b"\xff\xd9"
+_TAIL = 4096  # bytes at a file's end searched for the end-of-image marker (padding or a trailer may follow it)
+# (file mode, target mode) -> what libjpeg decodes into, for the pairs where that is exactly what PIL's decode and
+# convert_mode give. RGB -> L is not one: libjpeg keeps the file's own luma, PIL recomputes it from RGB.
+_LIBJPEG_READS = {("RGB", "RGB"): ImageReadMode.RGB, ("L", "L"): ImageReadMode.GRAY,
+                  ("L", "RGB"): ImageReadMode.RGB}
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +137,51 @@ def load_image(img: Image.Image, mode: str, reduce: int = 1) -> tuple[Image.Imag
     except (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError) as e:
         raise BadImageError("corrupt", f"cannot decode: {e}") from None
     return img, notes + converted, factor
+
+
+def decode_plain_jpeg(img: Image.Image, mode: str) -> tuple[Tensor, list[str]] | None:
+    """Decode an opened, undecoded plain JPEG (one :func:`can_reduce` takes) into ``mode`` with libjpeg-turbo,
+    through ``torchvision.io.decode_jpeg``: the pixels :func:`load_image` gives, without a PIL image and the
+    copy out of it (about a quarter less CPU time per photo, with the crop below). Closes ``img`` when done.
+
+    Returns:
+        ((C, H, W) uint8, conversions), or None, leaving ``img`` to :func:`load_image`: another format, EXIF
+        rotation, a mode pair libjpeg does not decode exactly as PIL (RGB file to L), no end-of-image marker
+        near the end (likely truncated), or libjpeg refusing the file (PIL then reports what is wrong).
+
+    Raises:
+        BadImageError: the file cannot be read.
+    """
+    read_mode = _LIBJPEG_READS.get((img.mode, mode))
+    if read_mode is None or not can_reduce(img):
+        return None
+    data = jpeg_bytes(img)
+    if data is None:
+        return None
+    try:
+        pixels = decode_jpeg(data, mode=read_mode)
+    except RuntimeError:
+        return None
+    notes = ["channels"] if img.mode != mode else []
+    img.close()
+    return pixels, notes
+
+
+def jpeg_bytes(img: Image.Image) -> Tensor | None:
+    """The whole file behind an opened, undecoded JPEG as (N,) uint8; None when its last 4 KiB hold no
+    end-of-image marker (a truncated file goes to PIL, which reports it). PIL can still decode ``img`` after.
+
+    Raises:
+        BadImageError: the file cannot be read.
+    """
+    try:
+        img.fp.seek(0)
+        data = img.fp.read()
+    except OSError as e:
+        raise BadImageError("unreadable", f"cannot read: {e.strerror or e}") from None
+    if data.rfind(_END_OF_IMAGE, max(0, len(data) - _TAIL)) < 0:
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _orientation(img: Image.Image) -> int:

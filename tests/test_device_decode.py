@@ -22,10 +22,8 @@ from fcmae.device_decode import (
     EncodedPretrainImages,
     _chunks,
     decode_ahead,
-    jpeg_bytes,
     pack_encoded,
 )
-from fcmae.images import BadImageError
 from fcmae.loader import build_pretrain_loader, decode_device
 from fcmae.pretrain_config import DataConfig
 from fcmae.transforms import PretrainTransform
@@ -138,18 +136,6 @@ def test_progressive_jpegs_and_bytes_after_the_end_marker_stay_on_the_device():
     assert all("encoded" in on_device[k] for k in keys)
     got, want = collate_keys(on_device, keys), cpu_batch(on_cpu, keys)
     assert_same_crops(got["pixel_values"], want["pixel_values"]) and got["issues"] == want["issues"]
-
-
-def test_a_file_that_cannot_be_read_is_reported_unreadable():
-    class FailingFile(io.BytesIO):
-        def read(self, *args):
-            raise OSError(5, "Input/output error")
-
-    img = Image.open(io.BytesIO(JPEGS[0]))
-    img.fp = FailingFile(JPEGS[0])
-    with pytest.raises(BadImageError, match="Input/output error") as info:
-        jpeg_bytes(img)
-    assert info.value.kind == "unreadable"
 
 
 def test_a_file_the_device_decoder_refuses_is_redone_on_the_cpu(monkeypatch, caplog):

@@ -1,4 +1,4 @@
-"""Input pipeline: reduced-size JPEG decoding, uint8 batches normalised on the device, the input benchmark."""
+"""Input pipeline: libjpeg and reduced-size JPEG decoding, uint8 batches normalised on the device, the benchmark."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from torchvision.transforms import InterpolationMode
 
 import fcmae
 import fcmae.pretraining
+import fcmae.transforms
 from fcmae.config import ConfigError
 from fcmae.data import collate_examples, load_image_source
 from fcmae.engine import input_memory_format
-from fcmae.images import BadImageError, can_reduce, load_image, open_image
+from fcmae.images import BadImageError, can_reduce, decode_plain_jpeg, jpeg_bytes, load_image, open_image
 from fcmae.loader import WORKER_NICENESS, build_pretrain_loader
 from fcmae.pretrain_config import DataConfig, load_pretrain_config
 from fcmae.pretraining import run_pretraining
@@ -34,6 +35,7 @@ from fcmae.transforms import (
     normalize_pixels,
     reduced_box,
     resized_crop,
+    resized_crop_pixels,
     sample_crop_box,
 )
 from tests.pretrain_helpers import random_image, reset_accelerate, tiny_config
@@ -151,6 +153,77 @@ def test_resized_crop_matches_pils_resampling(mode):
                                                     antialias=True)).int()
         diff = (resized_crop(img, box, size).int() - expected).abs()
         assert diff.max() <= (0 if mode == "RGBA" else 2) and diff.float().mean() < 0.02
+
+
+def pil_pixels(data: bytes, mode: str) -> tuple[torch.Tensor, list[str]]:
+    img, notes, _ = load_image(open_image(data), mode)
+    return TF.pil_to_tensor(img), notes
+
+
+@pytest.mark.parametrize(("file_mode", "mode"), [("RGB", "RGB"), ("L", "L"), ("L", "RGB")])
+def test_plain_jpegs_decode_straight_to_pils_pixels(file_mode, mode):
+    for data in (jpeg(random_image(4, (83, 61)).convert(file_mode)),
+                 jpeg(smooth_image(120, 90, seed=2, mode=file_mode), progressive=True),
+                 jpeg(smooth_image(64, 48, seed=3, mode=file_mode), subsampling=0) + b"\0" * 100):
+        pixels, notes = decode_plain_jpeg(open_image(data), mode)
+        expected, expected_notes = pil_pixels(data, mode)
+        assert torch.equal(pixels, expected) and notes == expected_notes
+
+
+def test_decode_plain_jpeg_leaves_every_other_file_to_pil():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    png = io.BytesIO()
+    smooth_image(40, 30).save(png, "PNG")
+    full = jpeg(random_image(5, (64, 48)))
+    others = {"an RGB file read as L": (full, "L"), "PNG": (png.getvalue(), "RGB"),
+              "EXIF rotation": (jpeg(smooth_image(40, 30), exif=exif.tobytes()), "RGB"),
+              "CMYK": (jpeg(Image.new("CMYK", (40, 30), (0, 255, 255, 0))), "RGB"),
+              "truncated": (full[: len(full) // 2], "RGB"),
+              "refused by libjpeg": (full[:2] + full[2:200].replace(b"\xff\xc0", b"\xff\xc1") * 2 + full[200:], "RGB")}
+    for name, (data, mode) in others.items():
+        img = open_image(data)
+        assert decode_plain_jpeg(img, mode) is None, name
+        try:
+            load_image(img, mode)  # the image is still PIL's to decode, or to report
+        except BadImageError as error:
+            assert error.kind == "corrupt", name
+
+
+def test_a_file_that_cannot_be_read_is_reported_unreadable():
+    class FailingFile(io.BytesIO):
+        def read(self, *args):
+            raise OSError(5, "Input/output error")
+
+    data = jpeg(random_image(6, (40, 30)))
+    img = open_image(data)
+    img.fp = FailingFile(data)
+    with pytest.raises(BadImageError, match="Input/output error") as info:
+        jpeg_bytes(img)
+    assert info.value.kind == "unreadable"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_resized_crop_pixels_is_torchvisions_resized_crop_exactly(channels):
+    pixels = TF.pil_to_tensor(random_image(7, (90, 70)).convert("RGB" if channels == 3 else "L"))
+    for box, size in [((0, 0, 70, 90), 32), ((5, 7, 40, 33), 32), ((12, 3, 20, 61), 32), ((2, 4, 30, 20), 64)]:
+        expected = TF.resized_crop(pixels, *box, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        assert torch.equal(resized_crop_pixels(pixels, box, size), expected)
+
+
+@pytest.mark.parametrize("reduced", [True, False])
+def test_training_crops_are_the_same_whether_libjpeg_or_pil_decodes(monkeypatch, reduced):
+    files = [jpeg(smooth_image(300, 200, seed=s)) for s in range(4)] + [jpeg(random_image(8, (50, 40)).convert("L"))]
+    transform = PretrainTransform(64, (0.2, 1.0), (3 / 4, 4 / 3), 0.5, reduced)
+
+    def crops():
+        return [transform(open_image(data), keyed_generator(key), "RGB") for key, data in enumerate(files * 3)]
+
+    with_libjpeg = crops()
+    monkeypatch.setattr(fcmae.transforms, "decode_plain_jpeg", lambda img, mode: None)
+    with_pil = crops()
+    for (got, got_notes), (want, want_notes) in zip(with_libjpeg, with_pil, strict=True):
+        assert torch.equal(got, want) and got_notes == want_notes
 
 
 def test_reduced_box_lands_on_the_reduced_pixel_grid():
