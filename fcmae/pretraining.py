@@ -36,6 +36,7 @@ from fcmae.optim import LrSchedule, build_adamw, scaled_lr
 from fcmae.pretrain_config import PretrainConfig
 from fcmae.preview import reconstruction_grid, save_preview
 from fcmae.run_state import CheckpointManager, CheckpointWriteError, TrainState
+from fcmae.sm_partition import SmPartition
 from fcmae.tracking import RunLog, default_trackers, memory_gib
 from fcmae.transforms import keyed_generator
 
@@ -118,10 +119,13 @@ class PretrainingRun:
         with acc.main_process_first():
             self.source = load_image_source(cfg.data, dataset, acc.num_processes * max(cfg.data.num_workers, 1))
         self.issues.record(self.source.problems)
+        decoding_on = decode_device(cfg.data, acc.device)
         self.loader = build_pretrain_loader(
             cfg.data, self.source, in_chans=cfg.model.in_chans, batch_size=tc.batch_size,
             accumulation=tc.gradient_accumulation_steps, rank=acc.process_index, world_size=acc.num_processes,
-            seed=tc.seed, pin_memory=acc.device.type == "cuda", decode_device=decode_device(cfg.data, acc.device))
+            seed=tc.seed, pin_memory=acc.device.type == "cuda", decode_device=decoding_on)
+        # data.decoder_sms > 0 needs decode_device=cuda (checked by the config), so decoding_on is the GPU
+        self.partition = SmPartition(decoding_on, cfg.data.decoder_sms) if cfg.data.decoder_sms else None
         self.global_batch = tc.batch_size * tc.gradient_accumulation_steps * acc.num_processes
         self.steps_per_epoch = self.loader.batches_per_epoch // tc.gradient_accumulation_steps
         self.total_steps = tc.epochs * self.steps_per_epoch
@@ -151,17 +155,23 @@ class PretrainingRun:
         self._window = {"time": time.perf_counter(), "steps": 0, "loss": 0.0, "finite": 0}
         engine = self.engine()
         try:
-            while state.epoch < cfg.train.epochs and not self._reached_max_steps():
-                # closed when the epoch ends early: a device decoder's thread stops with it
-                with contextlib.closing(self.loader.epoch(state.epoch, state.batch_in_epoch)) as batches:
-                    if engine.train_one_epoch(batches, self._on_step):
-                        break
-                self._end_of_epoch()
+            with self.on_partition():
+                while state.epoch < cfg.train.epochs and not self._reached_max_steps():
+                    # closed when the epoch ends early: a device decoder's thread stops with it
+                    with contextlib.closing(self.loader.epoch(state.epoch, state.batch_in_epoch)) as batches:
+                        if engine.train_one_epoch(batches, self._on_step):
+                            break
+                    self._end_of_epoch()
             self._finish()
         finally:
             self.log.close()
             acc.end_training()
         return self.run_dir
+
+    def on_partition(self) -> contextlib.AbstractContextManager:
+        """Where the training's CUDA work runs: on part of the SMs with ``data.decoder_sms`` (see
+        :mod:`fcmae.sm_partition`), else where it is (a context that does nothing)."""
+        return self.partition.running() if self.partition is not None else contextlib.nullcontext()
 
     def engine(self) -> Engine:
         """The training loop over this run's model, optimizer, schedule, state and normalisation."""

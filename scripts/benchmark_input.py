@@ -175,6 +175,7 @@ def run_config(args: argparse.Namespace, output_dir: str) -> PretrainConfig:
         f"model.name=convnextv2_{args.size}", f"model.backend={args.backend}", f"output_dir={output_dir}",
         f"data.input_size={args.input_size}", f"data.num_workers={args.workers}", f"train.batch_size={args.batch_size}",
         f"data.decode_device={args.decode_device}", f"data.cpu_decode_share={args.cpu_decode_share}",
+        f"data.decoder_sms={args.decoder_sms}",
         f"train.compile={str(args.compile is not None).lower()}",
         f"train.compile_mode={args.compile or 'default'}", "log.trackers=[]", "log.progress_bar=false",
     ])
@@ -188,22 +189,24 @@ def prefetched_batches(workers: int, decode_device: str) -> int:
 
 def measure_training(args: argparse.Namespace, source: ImageSource) -> dict:
     """Synthetic and real images/s through one run's training loop, alternately for ``args.rounds`` rounds
-    (compiled once, by the first synthetic warm-up); medians, their ratio, and every round."""
+    (compiled once, by the first synthetic warm-up; both kinds on the run's SM partition, if any); medians,
+    their ratio, and every round."""
     with tempfile.TemporaryDirectory() as output_dir:
         run = PretrainingRun(run_config(args, output_dir), dataset=source.dataset)
         pin = run.accelerator.device.type == "cuda"
         real_batches = run.loader.epoch(0)
         synthetic, real = [], []
         prefetched = prefetched_batches(args.workers, args.decode_device)
-        for round_index in range(args.rounds):
-            # After a real round its workers refill their prefetch queue. They outrun the loop, so they are done
-            # within as many untimed steps as the queue holds.
-            settle = args.warmup if round_index == 0 else prefetched + 2
-            synthetic.append(train_images_per_s(run, synthetic_batches(args.batch_size, args.input_size, pin),
-                                                settle, args.steps))
-            real.append(train_images_per_s(run, real_batches, prefetched, args.steps))
-            print(f"round {round_index + 1}/{args.rounds}: synthetic {synthetic[-1]:.1f} img/s, "
-                  f"real {real[-1]:.1f} img/s", flush=True)
+        with run.on_partition():
+            for round_index in range(args.rounds):
+                # After a real round its workers refill their prefetch queue. They outrun the loop, so they are
+                # done within as many untimed steps as the queue holds.
+                settle = args.warmup if round_index == 0 else prefetched + 2
+                synthetic.append(train_images_per_s(run, synthetic_batches(args.batch_size, args.input_size, pin),
+                                                    settle, args.steps))
+                real.append(train_images_per_s(run, real_batches, prefetched, args.steps))
+                print(f"round {round_index + 1}/{args.rounds}: synthetic {synthetic[-1]:.1f} img/s, "
+                      f"real {real[-1]:.1f} img/s", flush=True)
         device = run.accelerator.device
         precision = run.accelerator.mixed_precision
     medians = statistics.median(synthetic), statistics.median(real)
@@ -276,6 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-device", default="cpu", choices=["cpu", "cuda"], help="data.decode_device")
     p.add_argument("--cpu-decode-share", type=float, default=0.0,
                    help="data.cpu_decode_share: with --decode-device cuda, the share of each batch the workers decode")
+    p.add_argument("--decoder-sms", type=int, default=0,
+                   help="data.decoder_sms: with --decode-device cuda, train on all but about this many SMs")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=20, help="synthetic optimizer steps before timing (compiles)")

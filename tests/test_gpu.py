@@ -1,4 +1,4 @@
-"""GPU checks (skipped without CUDA): the Triton depthwise kernel and backend parity in fp32 and bf16."""
+"""GPU checks (skipped without CUDA): kernels, backend parity, GPU decoding, CUDA graphs, the SM partition."""
 
 from __future__ import annotations
 
@@ -241,3 +241,54 @@ def test_pretraining_with_cuda_graphs_matches_default_compile(tmp_path):
     assert len(losses) == len(graph_losses) == 5
     assert torch.allclose(torch.tensor(graph_losses), torch.tensor(losses), rtol=1e-3, atol=0)
     assert max(relative_error(graph_weights[k], weights[k]) for k in weights) < 1e-3
+
+
+def test_cuda_graphs_compiled_on_an_sm_partition_are_recorded_on_its_stream():
+    """Inside ``SmPartition.running`` the loop's stream is the green context's, inductor records its graphs
+    there, and they compute what eager code does."""
+    from torch._inductor import cudagraph_trees
+
+    from fcmae.sm_partition import SmPartition
+
+    torch._dynamo.reset()  # no graph tree manager left from an earlier test
+    partition = SmPartition(torch.device("cuda", 0), decoder_sms=4)
+    assert partition.sms <= torch.cuda.get_device_properties(0).multi_processor_count - 4
+
+    def step(x, w):
+        return torch.relu(x @ w).sum(1)
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    x, w = torch.randn(256, 256, device="cuda"), torch.randn(256, 256, device="cuda")
+    with partition.running():
+        assert torch.cuda.current_stream() == partition.stream
+        for _ in range(3):  # warm-up, recording, replay
+            got = compiled(x, w).clone()
+    assert cudagraph_trees.get_manager(0, create_if_none_exists=False).stream == partition.stream
+    torch.testing.assert_close(got, step(x, w), rtol=1e-3, atol=1e-3)
+    torch._dynamo.reset()
+
+
+def test_pretraining_on_an_sm_partition_matches_the_whole_gpu(tmp_path):
+    """``data.decoder_sms`` with nvJPEG decoding: the loop reads the decoder's batches across the two contexts
+    and trains to the same losses and weights as on every SM."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fcmae.pretraining import run_pretraining
+    from tests.pretrain_helpers import reset_accelerate, tiny_config, write_images
+
+    write_images(tmp_path / "images", 24, ext="jpg")
+    results = {}
+    for sms in (0, 4):
+        cfg = tiny_config(tmp_path / f"sms{sms}", f"data.path={tmp_path / 'images'}", "data.decode_device=cuda",
+                          f"data.decoder_sms={sms}", "train.max_steps=4")
+        run_dir = run_pretraining(cfg)
+        reset_accelerate()
+        lines = map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+        results[sms] = ([e["train/loss"] for e in lines if e["event"] == "metrics"],
+                        load_file(run_dir / "weights" / "encoder.safetensors"))
+    (losses, weights), (partitioned, partitioned_weights) = results[0], results[4]
+    assert len(losses) == len(partitioned) == 4
+    assert torch.allclose(torch.tensor(partitioned), torch.tensor(losses), rtol=1e-3, atol=0)
+    assert max(relative_error(partitioned_weights[k], weights[k]) for k in weights) < 1e-3

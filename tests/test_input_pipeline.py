@@ -294,6 +294,13 @@ def test_generated_photos_have_realistic_jpeg_sizes():
     assert 60_000 < len(jpeg(photo)) < 160_000  # ImageNet's JPEGs average about 110 KB
 
 
+def test_input_benchmark_passes_its_decoding_settings_to_the_run(tmp_path):
+    bench = _benchmark()
+    args = bench.parse_args(["--decode-device", "cuda", "--cpu-decode-share", "0.4", "--decoder-sms", "4"])
+    data = bench.run_config(args, str(tmp_path)).data
+    assert (data.decode_device, data.cpu_decode_share, data.decoder_sms) == ("cuda", 0.4, 4)
+
+
 def test_input_benchmark_smoke_writes_json(tmp_path):
     bench = _benchmark()
     out = tmp_path / "input.json"
