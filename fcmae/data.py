@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,16 @@ class ImageSource:
     problems: list[Issue]
 
 
+def top_folders(paths: list[str], root: str | Path) -> list[str | None]:
+    """The subfolder of ``root`` that holds each of ``paths`` (None for a file in ``root`` itself).
+
+    ``paths`` are :func:`fcmae.images.scan_image_folder`'s, which all begin with ``root`` as given; cutting
+    strings takes a fraction of a second for ImageNet's 1.28M files, where ``Path.relative_to`` took 13 s.
+    """
+    start = len(os.path.join(str(root), ""))
+    return [rel.split(os.sep, 1)[0] if os.sep in rel else None for rel in (p[start:] for p in paths)]
+
+
 def image_folder_dataset(root: str | Path, with_labels: bool = False) -> ImageSource:
     """Every image below ``root`` as a dataset of paths (column ``image``).
 
@@ -69,11 +80,12 @@ def image_folder_dataset(root: str | Path, with_labels: bool = False) -> ImageSo
     columns: dict[str, list] = {"image": paths}
     features = {"image": datasets.Value("string")}
     if with_labels:
-        classes = [Path(p).relative_to(root).parts for p in paths]
-        names = sorted({parts[0] for parts in classes if len(parts) > 1})
-        if any(len(parts) == 1 for parts in classes) or not names:
+        classes = top_folders(paths, root)
+        names = sorted(set(classes) - {None})
+        if None in classes or not names:
             raise ConfigError("path", f"{root} must hold one subfolder per class, with images inside")
-        columns["label"] = [names.index(parts[0]) for parts in classes]
+        index = {name: i for i, name in enumerate(names)}
+        columns["label"] = [index[name] for name in classes]
         features["label"] = datasets.ClassLabel(names=names)
     return ImageSource(datasets.Dataset.from_dict(columns, features=datasets.Features(features)), "image", issues)
 

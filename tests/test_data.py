@@ -50,6 +50,21 @@ def test_folder_with_class_subfolders_gets_labels_when_asked(tmp_path):
     assert unlabeled.dataset.column_names == ["image"] and len(unlabeled.dataset) == 6
 
 
+def test_labels_come_from_the_top_level_subfolder_however_deep_the_file(tmp_path):
+    write_images(tmp_path / "cat" / "indoor", 2)
+    write_images(tmp_path / "dog", 1)
+    source = image_folder_dataset(f"{tmp_path}/", with_labels=True)  # a trailing slash changes nothing
+    assert source.dataset.features["label"].names == ["cat", "dog"]
+    assert source.dataset["label"] == [0, 0, 1]
+
+
+def test_labeled_folder_with_a_file_outside_the_class_subfolders_is_a_config_error(tmp_path):
+    write_images(tmp_path / "cat", 2)
+    random_image(9).save(tmp_path / "stray.png")
+    with pytest.raises(ConfigError, match="must hold one subfolder per class"):
+        image_folder_dataset(tmp_path, with_labels=True)
+
+
 def test_parquet_arrow_and_saved_datasets_load(tmp_path):
     images = [random_image(i) for i in range(5)]
     ds = datasets.Dataset.from_dict({"picture": images, "caption": list("abcde")},
