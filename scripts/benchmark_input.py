@@ -23,6 +23,12 @@ process's rounds agreed within 0.09. ``--processes N`` runs the whole benchmark 
 this script, one after another, and reports the medians of their figures (the training loop's ratio is
 the median of the processes' ratios).
 
+With ``--decoder-sms N`` the synthetic rounds train on the SM partition too, which is slower than the whole
+GPU: that ratio compares the two inputs on the same SMs. ``--against-whole-gpu`` (with ``--processes`` of 2
+or more) trains every second process on the whole GPU instead and also reports the partition's median real
+images/s over the whole GPU's median synthetic images/s: real input with the partition against the fastest
+synthetic loop.
+
 The folder's file list is repeated so that one epoch outlasts warm-up and measurement: an epoch end
 stalls every worker at once, which a real corpus (thousands of batches per epoch) almost never sees.
 
@@ -36,6 +42,9 @@ On the GPU machine (16 cores)::
         --batch-size 128 --compile reduce-overhead --data /tmp/imagenet_like --json input_pipeline_graphs.json
     python scripts/benchmark_input.py --size tiny --backend native --workers 14 --decode-device cuda \\
         --cpu-decode-share 0.4 --batch-size 128 --compile reduce-overhead --steps 100 --data /tmp/imagenet_like
+    python scripts/benchmark_input.py --size tiny --backend native --workers 14 --decode-device cuda \
+        --cpu-decode-share 0.4 --decoder-sms 4 --against-whole-gpu --processes 8 --batch-size 128 \
+        --compile reduce-overhead --steps 100 --data /tmp/imagenet_like
     python scripts/benchmark_input.py --smoke     # CPU-sized run used by the test suite
 """
 
@@ -213,37 +222,58 @@ def measure_training(args: argparse.Namespace, source: ImageSource) -> dict:
     per_round = [r / s for r, s in zip(real, synthetic, strict=True)]
     return {"synthetic": medians[0], "real": medians[1], "ratio": medians[1] / medians[0],
             "rounds": {"synthetic": synthetic, "real": real, "ratio": per_round},
-            "device_type": device.type, "precision": precision}
+            "decoder_sms": args.decoder_sms, "device_type": device.type, "precision": precision}
 
 
-def measure_in_processes(argv: list[str], processes: int) -> dict:
+def process_argv(argv: list[str], index: int, against_whole_gpu: bool) -> list[str]:
+    """The command line of fresh process ``index`` (from 0): the caller's, measuring in that one process.
+    Under ``--against-whole-gpu`` every odd-numbered process trains on the whole GPU (``--decoder-sms 0``).
+    The last occurrence of an option wins, so the appended ones override the caller's."""
+    own = [arg for arg in argv if arg != "--against-whole-gpu"]
+    whole_gpu = ["--decoder-sms", "0"] if against_whole_gpu and index % 2 else []
+    return [*own, *whole_gpu, "--processes", "1"]
+
+
+def loop_medians(trains: list[dict]) -> dict:
+    """Medians over processes of the training loop's synthetic and real images/s and of their ratios."""
+    return {"synthetic": statistics.median(t["synthetic"] for t in trains),
+            "real": statistics.median(t["real"] for t in trains),
+            "ratio": statistics.median(t["ratio"] for t in trains)}
+
+
+def measure_in_processes(argv: list[str], processes: int, against_whole_gpu: bool = False) -> dict:
     """The whole benchmark in ``processes`` fresh processes of this script, one after another (each prints its
     own table as it ends). They are ordinary ``python benchmark_input.py`` processes: the way these
     measurements ran on the GPU machine.
 
     Returns:
         The medians over processes of the decode and loader figures and of the training loop's synthetic and
-        real speeds and ratios; each process's training results under ``train["processes"]``.
+        real speeds and ratios; each process's training results under ``train["processes"]``. Under
+        ``against_whole_gpu`` the loop's medians are those of the processes on the SM partition; those of the
+        processes on the whole GPU are under ``train["whole_gpu"]``, and ``train["real_over_whole_gpu"]`` is
+        the median real images/s on the partition over the median synthetic images/s on the whole GPU.
     """
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         for index in range(processes):
             print(f"process {index + 1}/{processes}", flush=True)
             out = Path(scratch) / f"{index}.json"
-            # The last occurrence of an option wins, so these override the caller's.
-            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv,
-                                   "--processes", "1", "--json", str(out)], check=False)
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve()),
+                                   *process_argv(argv, index, against_whole_gpu), "--json", str(out)], check=False)
             if done.returncode != 0:
                 raise RuntimeError(f"benchmark process {index + 1}/{processes} exited with {done.returncode}")
             runs.append(json.loads(out.read_text()))
     trains = [run["train"] for run in runs]
+    partitioned = trains[::2] if against_whole_gpu else trains
+    train = {**loop_medians(partitioned), "processes": trains,
+             "device_type": trains[0]["device_type"], "precision": trains[0]["precision"]}
+    if against_whole_gpu:
+        train["whole_gpu"] = loop_medians(trains[1::2])
+        train["real_over_whole_gpu"] = train["real"] / train["whole_gpu"]["synthetic"]
     return {
         "decode_ms": {key: statistics.median(run["decode_ms"][key] for run in runs) for key in runs[0]["decode_ms"]},
         "loader": statistics.median(run["loader"] for run in runs),
-        "train": {"synthetic": statistics.median(t["synthetic"] for t in trains),
-                  "real": statistics.median(t["real"] for t in trains),
-                  "ratio": statistics.median(t["ratio"] for t in trains),
-                  "processes": trains, "device_type": trains[0]["device_type"], "precision": trains[0]["precision"]},
+        "train": train,
     }
 
 
@@ -256,17 +286,26 @@ def print_table(results: dict) -> None:
     print(f"{loader:34} {results['loader']:8.1f} img/s")
     train = results["train"]
     processes = train.get("processes", [train])
-    of = f"median of {settings['rounds']}" + (f", then of {len(processes)} processes" if len(processes) > 1 else "")
+    measured = processes[::2] if "whole_gpu" in train else processes  # the others ran on the whole GPU
+    of = f"median of {settings['rounds']}" + (f", then of {len(measured)} processes" if len(measured) > 1 else "")
     print(f"{'train, synthetic uint8 input':34} {train['synthetic']:8.1f} img/s ({of})")
     print(f"{'train, real loader':34} {train['real']:8.1f} img/s ({of})")
     apart = " (median of the processes')" if len(processes) > 1 else ""
     print(f"{'real / synthetic':34} {train['ratio']:8.3f}{apart}")
+    if "whole_gpu" in train:
+        whole = train["whole_gpu"]
+        others = f"median of the other {len(processes) - len(measured)} processes"
+        print(f"{'whole GPU: train, synthetic':34} {whole['synthetic']:8.1f} img/s ({others})")
+        print(f"{'whole GPU: real / synthetic':34} {whole['ratio']:8.3f}")
+        print(f"{'real / whole-GPU synthetic':34} {train['real_over_whole_gpu']:8.3f}")
     for process in processes:
-        print(f"{'per round':34} " + " ".join(f"{r:.3f}" for r in process["rounds"]["ratio"]))
+        label = f"per round, decoder_sms={process['decoder_sms']}"
+        print(f"{label:34} " + " ".join(f"{r:.3f}" for r in process["rounds"]["ratio"]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # process_argv drops --against-whole-gpu by its full name
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fcmae_imagenet_like",
                    help="folder of JPEGs (written once when missing)")
     p.add_argument("--images", type=int, default=2048, help="JPEG files in the folder")
@@ -288,6 +327,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="alternating synthetic / real rounds")
     p.add_argument("--processes", type=int, default=1,
                    help="fresh processes that each measure the training loop (median of their ratios)")
+    p.add_argument("--against-whole-gpu", action="store_true",
+                   help="with --decoder-sms and --processes >= 2: every second process trains on the whole GPU, and "
+                        "the table adds the partition's real img/s over the whole GPU's synthetic img/s")
     p.add_argument("--loader-batches", type=int, default=100, help="timed batches of the loader alone")
     p.add_argument("--decode-images", type=int, default=200, help="items timed for the per-image decode cost")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -295,6 +337,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.processes < 1:
         p.error("--rounds, --steps and --processes must be >= 1")
+    if args.against_whole_gpu and (args.decoder_sms < 1 or args.processes < 2):
+        p.error("--against-whole-gpu needs --decoder-sms >= 1 and --processes >= 2")
     args.image_scale = 1.0
     if args.smoke:
         args.images, args.image_scale, args.size, args.input_size, args.batch_size = 12, 0.25, "test", 64, 4
@@ -308,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     make_jpeg_folder(args.data, args.images, args.image_scale)
-    results = measure_in_processes(argv, args.processes) if args.processes > 1 else measure(args)
+    results = (measure_in_processes(argv, args.processes, args.against_whole_gpu) if args.processes > 1
+               else measure(args))
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results["meta"] = {
         "device": torch.cuda.get_device_name() if results["train"]["device_type"] == "cuda" else "cpu",

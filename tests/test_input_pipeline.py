@@ -356,3 +356,47 @@ def test_input_benchmark_refuses_fewer_than_one(flag, capsys):
     with pytest.raises(SystemExit):
         _benchmark().parse_args([flag, "0"])
     assert "--processes must be >= 1" in capsys.readouterr().err
+
+
+def test_input_benchmark_against_whole_gpu_alternates_the_partition():
+    bench = _benchmark()
+    argv = ["--decode-device", "cuda", "--decoder-sms", "4", "--against-whole-gpu", "--processes", "4"]
+    lines = [bench.process_argv(argv, index, against_whole_gpu=True) for index in range(4)]
+    parsed = [bench.parse_args(line) for line in lines]
+    assert [a.decoder_sms for a in parsed] == [4, 0, 4, 0]
+    assert all(a.processes == 1 and not a.against_whole_gpu for a in parsed)
+    assert bench.parse_args(bench.process_argv(argv, 1, against_whole_gpu=False)).decoder_sms == 4
+
+
+@pytest.mark.parametrize("argv", [["--decoder-sms", "4", "--against-whole-gpu", "--processes", "1"],
+                                  ["--against-whole-gpu", "--processes", "2"],
+                                  ["--decoder-sms", "4", "--against-whole", "--processes", "2"]])
+def test_input_benchmark_refuses_a_whole_gpu_baseline_it_cannot_measure(argv):
+    with pytest.raises(SystemExit):
+        _benchmark().parse_args(["--decode-device", "cuda", *argv])
+
+
+def test_input_benchmark_divides_partitioned_real_by_whole_gpu_synthetic(monkeypatch, capsys):
+    bench = _benchmark()
+    speeds = {4: iter([(6200.0, 5800.0), (6300.0, 5900.0)]), 0: iter([(6500.0, 5500.0), (6600.0, 5600.0)])}
+
+    def fake_process(command, check):
+        args = bench.parse_args(command[2:])
+        synthetic, real = next(speeds[args.decoder_sms])
+        train = {"synthetic": synthetic, "real": real, "ratio": real / synthetic, "decoder_sms": args.decoder_sms,
+                 "rounds": {"ratio": [real / synthetic]}, "device_type": "cuda", "precision": "bf16"}
+        args.json.write_text(json.dumps({"decode_ms": {"true": 2.0}, "loader": 9000.0, "train": train}))
+        return bench.subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_process)
+    argv = ["--decode-device", "cuda", "--decoder-sms", "4", "--against-whole-gpu", "--processes", "4"]
+    train = bench.measure_in_processes(argv, 4, against_whole_gpu=True)["train"]
+    assert [p["decoder_sms"] for p in train["processes"]] == [4, 0, 4, 0]
+    assert (train["synthetic"], train["real"]) == (6250.0, 5850.0)
+    assert (train["whole_gpu"]["synthetic"], train["whole_gpu"]["real"]) == (6550.0, 5550.0)
+    assert train["real_over_whole_gpu"] == pytest.approx(5850.0 / 6550.0)
+    bench.print_table({"decode_ms": {"true": 2.0}, "loader": 9000.0, "train": train,
+                       "settings": {"workers": 14, "decode_device": "cuda", "rounds": 1}})
+    out = capsys.readouterr().out
+    assert "then of 2 processes" in out and "6550.0 img/s (median of the other 2 processes)" in out
+    assert "real / whole-GPU synthetic            0.893" in out
