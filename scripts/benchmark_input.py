@@ -42,8 +42,8 @@ On the GPU machine (16 cores)::
         --batch-size 128 --compile reduce-overhead --data /tmp/imagenet_like --json input_pipeline_graphs.json
     python scripts/benchmark_input.py --size tiny --backend native --workers 14 --decode-device cuda \\
         --cpu-decode-share 0.4 --batch-size 128 --compile reduce-overhead --steps 100 --data /tmp/imagenet_like
-    python scripts/benchmark_input.py --size tiny --backend native --workers 14 --decode-device cuda \
-        --cpu-decode-share 0.4 --decoder-sms 4 --against-whole-gpu --processes 8 --batch-size 128 \
+    python scripts/benchmark_input.py --size tiny --backend native --workers 14 --decode-device cuda \\
+        --cpu-decode-share 0.4 --decoder-sms 4 --against-whole-gpu --processes 8 --batch-size 128 \\
         --compile reduce-overhead --steps 100 --data /tmp/imagenet_like
     python scripts/benchmark_input.py --smoke     # CPU-sized run used by the test suite
 """
