@@ -235,10 +235,11 @@ def process_argv(argv: list[str], index: int, against_whole_gpu: bool) -> list[s
 
 
 def loop_medians(trains: list[dict]) -> dict:
-    """Medians over processes of the training loop's synthetic and real images/s and of their ratios."""
+    """Medians over processes of the training loop's synthetic and real images/s and of their ratios; the
+    processes' own results under ``processes``."""
     return {"synthetic": statistics.median(t["synthetic"] for t in trains),
             "real": statistics.median(t["real"] for t in trains),
-            "ratio": statistics.median(t["ratio"] for t in trains)}
+            "ratio": statistics.median(t["ratio"] for t in trains), "processes": trains}
 
 
 def measure_in_processes(argv: list[str], processes: int, against_whole_gpu: bool = False) -> dict:
@@ -249,9 +250,10 @@ def measure_in_processes(argv: list[str], processes: int, against_whole_gpu: boo
     Returns:
         The medians over processes of the decode and loader figures and of the training loop's synthetic and
         real speeds and ratios; each process's training results under ``train["processes"]``. Under
-        ``against_whole_gpu`` the loop's medians are those of the processes on the SM partition; those of the
-        processes on the whole GPU are under ``train["whole_gpu"]``, and ``train["real_over_whole_gpu"]`` is
-        the median real images/s on the partition over the median synthetic images/s on the whole GPU.
+        ``against_whole_gpu`` the loop's medians and ``processes`` are those of the processes on the SM
+        partition; those of the processes on the whole GPU are under ``train["whole_gpu"]``, and
+        ``train["real_over_whole_gpu"]`` is the median real images/s on the partition over the median
+        synthetic images/s on the whole GPU.
     """
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -264,8 +266,7 @@ def measure_in_processes(argv: list[str], processes: int, against_whole_gpu: boo
                 raise RuntimeError(f"benchmark process {index + 1}/{processes} exited with {done.returncode}")
             runs.append(json.loads(out.read_text()))
     trains = [run["train"] for run in runs]
-    partitioned = trains[::2] if against_whole_gpu else trains
-    train = {**loop_medians(partitioned), "processes": trains,
+    train = {**loop_medians(trains[::2] if against_whole_gpu else trains),
              "device_type": trains[0]["device_type"], "precision": trains[0]["precision"]}
     if against_whole_gpu:
         train["whole_gpu"] = loop_medians(trains[1::2])
@@ -286,19 +287,18 @@ def print_table(results: dict) -> None:
     print(f"{loader:34} {results['loader']:8.1f} img/s")
     train = results["train"]
     processes = train.get("processes", [train])
-    measured = processes[::2] if "whole_gpu" in train else processes  # the others ran on the whole GPU
-    of = f"median of {settings['rounds']}" + (f", then of {len(measured)} processes" if len(measured) > 1 else "")
+    of = f"median of {settings['rounds']}" + (f", then of {len(processes)} processes" if len(processes) > 1 else "")
     print(f"{'train, synthetic uint8 input':34} {train['synthetic']:8.1f} img/s ({of})")
     print(f"{'train, real loader':34} {train['real']:8.1f} img/s ({of})")
     apart = " (median of the processes')" if len(processes) > 1 else ""
     print(f"{'real / synthetic':34} {train['ratio']:8.3f}{apart}")
-    if "whole_gpu" in train:
-        whole = train["whole_gpu"]
-        others = f"median of the other {len(processes) - len(measured)} processes"
+    whole = train.get("whole_gpu")
+    if whole:
+        others = f"median of the other {len(whole['processes'])} processes"
         print(f"{'whole GPU: train, synthetic':34} {whole['synthetic']:8.1f} img/s ({others})")
         print(f"{'whole GPU: real / synthetic':34} {whole['ratio']:8.3f}")
         print(f"{'real / whole-GPU synthetic':34} {train['real_over_whole_gpu']:8.3f}")
-    for process in processes:
+    for process in processes + (whole["processes"] if whole else []):
         label = f"per round, decoder_sms={process['decoder_sms']}"
         print(f"{label:34} " + " ".join(f"{r:.3f}" for r in process["rounds"]["ratio"]))
 

@@ -391,7 +391,8 @@ def test_input_benchmark_divides_partitioned_real_by_whole_gpu_synthetic(monkeyp
     monkeypatch.setattr(bench.subprocess, "run", fake_process)
     argv = ["--decode-device", "cuda", "--decoder-sms", "4", "--against-whole-gpu", "--processes", "4"]
     train = bench.measure_in_processes(argv, 4, against_whole_gpu=True)["train"]
-    assert [p["decoder_sms"] for p in train["processes"]] == [4, 0, 4, 0]
+    assert [p["decoder_sms"] for p in train["processes"]] == [4, 4]
+    assert [p["decoder_sms"] for p in train["whole_gpu"]["processes"]] == [0, 0]
     assert (train["synthetic"], train["real"]) == (6250.0, 5850.0)
     assert (train["whole_gpu"]["synthetic"], train["whole_gpu"]["real"]) == (6550.0, 5550.0)
     assert train["real_over_whole_gpu"] == pytest.approx(5850.0 / 6550.0)
