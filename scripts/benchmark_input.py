@@ -249,7 +249,8 @@ def measure_in_processes(argv: list[str], processes: int, against_whole_gpu: boo
 
     Returns:
         The medians over processes of the decode and loader figures and of the training loop's synthetic and
-        real speeds and ratios; each process's training results under ``train["processes"]``. Under
+        real speeds and ratios; each process's decode and loader figures under ``per_process``, in the order
+        the processes ran, and its training results under ``train["processes"]``. Under
         ``against_whole_gpu`` the loop's medians and ``processes`` are those of the processes on the SM
         partition; those of the processes on the whole GPU are under ``train["whole_gpu"]``, and
         ``train["real_over_whole_gpu"]`` is the median real images/s on the partition over the median
@@ -274,6 +275,7 @@ def measure_in_processes(argv: list[str], processes: int, against_whole_gpu: boo
     return {
         "decode_ms": {key: statistics.median(run["decode_ms"][key] for run in runs) for key in runs[0]["decode_ms"]},
         "loader": statistics.median(run["loader"] for run in runs),
+        "per_process": [{"decode_ms": run["decode_ms"], "loader": run["loader"]} for run in runs],
         "train": train,
     }
 

@@ -326,6 +326,8 @@ def test_input_benchmark_measures_in_fresh_processes(tmp_path, capfd):
     train = results["train"]
     assert len(train["processes"]) == 2 and json.loads(out.read_text())["settings"]["processes"] == 2
     assert results["loader"] > 0 and set(results["decode_ms"]) == {"true", "false"}
+    assert [set(p["decode_ms"]) for p in results["per_process"]] == [{"true", "false"}] * 2
+    assert results["loader"] == pytest.approx(float(np.median([p["loader"] for p in results["per_process"]])))
     assert all(len(p["rounds"]["ratio"]) == 2 and p["real"] > 0 for p in train["processes"])
     assert train["ratio"] == pytest.approx(float(np.median([p["ratio"] for p in train["processes"]])))
     assert train["real"] == pytest.approx(float(np.median([p["real"] for p in train["processes"]])))
@@ -379,18 +381,21 @@ def test_input_benchmark_refuses_a_whole_gpu_baseline_it_cannot_measure(argv):
 def test_input_benchmark_divides_partitioned_real_by_whole_gpu_synthetic(monkeypatch, capsys):
     bench = _benchmark()
     speeds = {4: iter([(6200.0, 5800.0), (6300.0, 5900.0)]), 0: iter([(6500.0, 5500.0), (6600.0, 5600.0)])}
+    loaders = iter([9000.0, 8000.0, 8500.0, 9500.0])
 
     def fake_process(command, check):
         args = bench.parse_args(command[2:])
         synthetic, real = next(speeds[args.decoder_sms])
         train = {"synthetic": synthetic, "real": real, "ratio": real / synthetic, "decoder_sms": args.decoder_sms,
                  "rounds": {"ratio": [real / synthetic]}, "device_type": "cuda", "precision": "bf16"}
-        args.json.write_text(json.dumps({"decode_ms": {"true": 2.0}, "loader": 9000.0, "train": train}))
+        args.json.write_text(json.dumps({"decode_ms": {"true": 2.0}, "loader": next(loaders), "train": train}))
         return bench.subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_process)
     argv = ["--decode-device", "cuda", "--decoder-sms", "4", "--against-whole-gpu", "--processes", "4"]
-    train = bench.measure_in_processes(argv, 4, against_whole_gpu=True)["train"]
+    results = bench.measure_in_processes(argv, 4, against_whole_gpu=True)
+    assert [p["loader"] for p in results["per_process"]] == [9000.0, 8000.0, 8500.0, 9500.0]  # in run order
+    train = results["train"]
     assert [p["decoder_sms"] for p in train["processes"]] == [4, 4]
     assert [p["decoder_sms"] for p in train["whole_gpu"]["processes"]] == [0, 0]
     assert (train["synthetic"], train["real"]) == (6250.0, 5850.0)
