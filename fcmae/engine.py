@@ -14,15 +14,24 @@ counted.
 
 Where the optimizer can skip an update on the device (fused AdamW takes a ``found_inf`` flag, as
 ``torch.amp.GradScaler`` passes it), the check runs there: the update is queued with its flag, and the
-host reads the loss and norm afterwards, in one wait for the GPU. The host's share of the step (the
-optimizer's Python) then overlaps the backward pass instead of following it while the GPU idles.
+host reads the loss and norm afterwards. The host's share of the step (the optimizer's Python) then
+overlaps the backward pass instead of following it while the GPU idles.
+
+The pretraining loop reads step ``n``'s loss and norm one micro-batch late: after queuing the first
+micro-batch of step ``n + 1``, so the GPU has work while the host waits for the figures, counts the step
+and runs ``on_step``, and does not idle while the host prepares the next step. The state ``on_step`` sees
+is that of step ``n`` (its micro-batches counted, not the one queued after it), random number generators
+included: ``on_step`` runs with them as they were before that micro-batch drew its stochastic depth, so a
+checkpoint it writes resumes exactly. When ``on_step`` stops the loop, the queued micro-batch's gradients
+are dropped and the generators stay rewound; a resumed run reads that batch again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +54,7 @@ class NonFiniteWeightsError(RuntimeError):
     """The weights are not finite: nothing is saved from them."""
 
 
-@dataclass
+@dataclasses.dataclass
 class StepStats:
     """What one optimizer step did: mean loss over micro-batches and processes, lr, gradient norm."""
 
@@ -55,7 +64,7 @@ class StepStats:
     skipped: bool
 
 
-@dataclass
+@dataclasses.dataclass
 class Engine:
     """Everything the loop touches.
 
@@ -96,52 +105,75 @@ class Engine:
             batches: ``{"pixel_values": (B, C, S, S) uint8, "issues": [...]}`` (a :class:`fcmae.loader.PretrainLoader`
                 epoch); pixels are normalised on the device, channels-last when the model is. Other keys ride
                 along: the loop lets go of each batch once its GPU work is queued.
-            on_step: called with each optimizer step's :class:`StepStats`.
+            on_step: called with each optimizer step's :class:`StepStats`, once the next step's first micro-batch
+                is queued (or the epoch has ended).
 
         Returns:
             True when ``on_step`` asked to stop before the epoch ended.
         """
-        acc, state = self.accelerator, self.state
+        acc = self.accelerator
         self.model.train()
         mean, std = (torch.tensor(v, device=acc.device) for v in (self.mean, self.std))
         memory_format = input_memory_format(self.model)
-        loss_sum, micro = torch.zeros((), device=acc.device), 0
+        accumulation = acc.gradient_accumulation_steps
+        loss_sum, micro, issues = torch.zeros((), device=acc.device), 0, []
+        queued: QueuedStep | None = None  # the last optimizer step: update queued, figures not yet on the host
         for batch in batches:
-            self.issues.record(batch["issues"])
+            if queued is not None:  # this micro-batch runs before the queued step is settled
+                generators_before = GeneratorStates.of(acc.device)
+            issues += batch["issues"]
             pixels = batch["pixel_values"].to(acc.device, non_blocking=True)
             imgs = normalize_pixels(pixels, mean, std, memory_format)
             # FCMAE draws the mask from this generator itself, so it can promise the backend a fixed
             # visible count per sample (no host sync to count them).
-            generator = self.mask_generator()
+            generator = self.mask_generator(micro + (queued.micro_batches if queued else 0))
             if self.cuda_graphs and micro == 0:  # the last step's graph outputs are read; their memory may go
                 torch.compiler.cudagraph_mark_step_begin()
-            with acc.accumulate(self.model):
+            syncs = micro + 1 == accumulation
+            # Not accelerate's accumulate(): it counts micro-batches itself, this one read ahead included, and
+            # saves that count with a checkpoint.
+            with contextlib.nullcontext() if syncs else acc.no_sync(self.model):
                 loss = self.model(imgs, generator=generator).loss
                 acc.backward(loss)
-                # Freed while the GPU runs this micro-batch, not when the next one starts and the GPU waits on
-                # the host: a batch may hold a loader worker's shared memory (see fcmae.device_decode).
-                batch = pixels = imgs = None
-                loss_sum += loss.detach().float()
-                micro += 1
-                state.batch_in_epoch += 1
-                if acc.sync_gradients:
-                    stats = self.optimizer_step(loss_sum / micro)
-            if acc.sync_gradients:
-                loss_sum, micro = torch.zeros((), device=acc.device), 0
-                if on_step(stats):
+            # Freed while the GPU runs this micro-batch, not when the next one starts and the GPU waits on the
+            # host: a batch may hold a loader worker's shared memory (see fcmae.device_decode).
+            batch = pixels = imgs = None
+            loss_sum += loss.detach().float()
+            micro += 1
+            if queued is not None:
+                generators_now = GeneratorStates.of(acc.device)
+                generators_before.restore()
+                if self.settle(queued, on_step):
+                    self.optimizer.zero_grad(set_to_none=True)  # the micro-batch queued since is dropped
                     return True
-        return False
+                generators_now.restore()
+                queued = None
+            if syncs:
+                queued = self.queue_step(loss_sum / micro, micro, issues)
+                loss_sum, micro, issues = torch.zeros((), device=acc.device), 0, []
+        return queued is not None and self.settle(queued, on_step)
 
-    def mask_generator(self) -> torch.Generator:
-        """Generator of the current micro-batch's masks, keyed by (process, epoch, micro-batch)."""
+    def mask_generator(self, unsettled: int) -> torch.Generator:
+        """Generator of the next micro-batch's masks, keyed by (process, epoch, micro-batch), that micro-batch
+        coming ``unsettled`` after those ``state`` counts."""
         acc, state = self.accelerator, self.state
-        return keyed_generator(self.seed, MASK_STREAM, acc.process_index, state.epoch, state.batch_in_epoch)
+        return keyed_generator(self.seed, MASK_STREAM, acc.process_index, state.epoch,
+                               state.batch_in_epoch + unsettled)
 
-    def optimizer_step(self, local_loss: Tensor) -> StepStats:
-        """Set the lr, clip, check finiteness on every process alike, then step or skip."""
-        return optimizer_step(self.accelerator, self.model, self.optimizer, self.schedule, self.state, local_loss,
-                              global_batch=self.global_batch, clip_grad=self.clip_grad,
-                              stop_after_nonfinite=self.stop_after_nonfinite)
+    def queue_step(self, local_loss: Tensor, micro_batches: int, issues: list[Any]) -> QueuedStep:
+        """Queue the optimizer step over the last ``micro_batches`` micro-batches (their mean loss
+        ``local_loss`` and data ``issues``)."""
+        queued = queue_optimizer_step(self.accelerator, self.model, self.optimizer, self.schedule, self.state,
+                                      local_loss, clip_grad=self.clip_grad)
+        return dataclasses.replace(queued, micro_batches=micro_batches, issues=issues)
+
+    def settle(self, queued: QueuedStep, on_step: Callable[[StepStats], bool]) -> bool:
+        """Wait for a queued step's figures, count it and its micro-batches, and return ``on_step``'s answer."""
+        stats = settle_step(queued, self.state, global_batch=self.global_batch,
+                            stop_after_nonfinite=self.stop_after_nonfinite)
+        self.state.batch_in_epoch += queued.micro_batches
+        self.issues.record(queued.issues)
+        return on_step(stats)
 
 
 def input_memory_format(model: nn.Module) -> torch.memory_format:
@@ -152,26 +184,102 @@ def input_memory_format(model: nn.Module) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+@dataclasses.dataclass
+class GeneratorStates:
+    """The states of torch's default random number generators a training step draws from (stochastic depth):
+    the CPU's, and the training GPU's when it trains on one."""
+
+    generators: list[torch.Generator]
+    states: list[Tensor]
+
+    @classmethod
+    def of(cls, device: torch.device) -> GeneratorStates:
+        generators = [torch.default_generator]
+        if device.type == "cuda":
+            generators.append(torch.cuda.default_generators[
+                device.index if device.index is not None else torch.cuda.current_device()])
+        return cls(generators, [g.get_state() for g in generators])
+
+    def restore(self) -> None:
+        for generator, state in zip(self.generators, self.states, strict=True):
+            generator.set_state(state)
+
+
+@dataclasses.dataclass
+class HostRead:
+    """The loss and gradient norm of a queued step on their way to the host.
+
+    Attributes:
+        values: (2,) float32, loss then norm: in pinned host memory once ``done`` has passed, or on the device
+            (or the CPU) when ``done`` is None.
+        done: marks the copy's end on a CUDA stream.
+    """
+
+    values: Tensor
+    done: torch.cuda.Event | None = None
+
+    def wait(self) -> tuple[float, float]:
+        """The two values as Python floats; waits for the device's work up to the copy only."""
+        if self.done is not None:
+            self.done.synchronize()
+        loss, grad_norm = self.values.tolist()
+        return loss, grad_norm
+
+
+@dataclasses.dataclass
+class QueuedStep:
+    """An optimizer step whose update is queued; what the host learns from it once it reads.
+
+    Attributes:
+        lr: the step's learning rate.
+        read: its loss (mean over micro-batches and processes) and global gradient norm.
+        fp16_overflow: a finite loss with overflowing gradients, stepped through the scaler (checked on the
+            host only).
+        micro_batches, issues: the micro-batches it stepped over and their data issues (the pretraining loop's).
+    """
+
+    lr: float
+    read: HostRead
+    fp16_overflow: bool = False
+    micro_batches: int = 0
+    issues: list[Any] = dataclasses.field(default_factory=list)
+
+
 def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                    schedule: Callable[[int], float], state: TrainState, local_loss: Tensor, *, global_batch: int,
                    clip_grad: float | None, stop_after_nonfinite: int) -> StepStats:
-    """One optimizer step, shared by pretraining and finetuning.
+    """One optimizer step, queued and read at once (finetuning's loop): :func:`queue_optimizer_step`, then
+    :func:`settle_step`."""
+    queued = queue_optimizer_step(accelerator, model, optimizer, schedule, state, local_loss, clip_grad=clip_grad)
+    return settle_step(queued, state, global_batch=global_batch, stop_after_nonfinite=stop_after_nonfinite)
 
-    Sets the lr from ``schedule(state.step)``, clips, checks finiteness on every process alike, then steps
-    or skips and counts (see the module docstring).
-    """
+
+def queue_optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                         schedule: Callable[[int], float], state: TrainState, local_loss: Tensor, *,
+                         clip_grad: float | None) -> QueuedStep:
+    """Set the lr from ``schedule(state.step)``, clip, check finiteness on every process alike, then step or
+    skip (see the module docstring). Where the check runs on the device, nothing waits for it here."""
     acc = accelerator
     lr = schedule(state.step)
     apply_lr(optimizer, lr)
     grad_norm = acc.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
     loss = acc.reduce(local_loss, reduction="mean")
     if acc.scaler is None and skips_on_device(optimizer):
-        loss, grad_norm = step_checked_on_device(optimizer, loss, grad_norm)
-        fp16_overflow = False
-    else:
-        loss, grad_norm, fp16_overflow = step_checked_on_host(acc, optimizer, loss, grad_norm)
+        return QueuedStep(lr, step_checked_on_device(optimizer, loss, grad_norm))
+    loss_value, norm_value, fp16_overflow = step_checked_on_host(acc, optimizer, loss, grad_norm)
+    return QueuedStep(lr, HostRead(torch.tensor([loss_value, norm_value])), fp16_overflow)
+
+
+def settle_step(queued: QueuedStep, state: TrainState, *, global_batch: int,
+                stop_after_nonfinite: int) -> StepStats:
+    """Wait for a queued step's loss and norm, then count it in ``state``.
+
+    Raises:
+        NonFiniteLossError: ``stop_after_nonfinite`` non-finite steps in a row.
+    """
+    loss, grad_norm = queued.read.wait()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if finite or fp16_overflow:
+    if finite or queued.fp16_overflow:
         state.nonfinite_in_a_row = 0
     else:
         state.nonfinite_in_a_row += 1
@@ -184,7 +292,7 @@ def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.
             f"loss or gradient (last loss {loss}, grad norm {grad_norm}); stopping without saving. The last "
             f"checkpoint is intact. Try a lower optim.blr, optim.clip_grad, or bf16 instead of fp16."
         )
-    return StepStats(loss=loss, lr=lr, grad_norm=grad_norm, skipped=not finite)
+    return StepStats(loss=loss, lr=queued.lr, grad_norm=grad_norm, skipped=not finite)
 
 
 def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -198,9 +306,9 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return getattr(unwrapped(optimizer), "_step_supports_amp_scaling", False)
 
 
-def step_checked_on_device(optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Tensor) -> tuple[float, float]:
+def step_checked_on_device(optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Tensor) -> HostRead:
     """Queue the step, skipped on the device (parameters, moments and step counts untouched) when the ()
-    ``loss`` or ``grad_norm`` is not finite, and drop the gradients; then wait for the two as floats."""
+    ``loss`` or ``grad_norm`` is not finite, and drop the gradients; then start the two's copy to the host."""
     inner = unwrapped(optimizer)
     inner.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
     try:
@@ -208,7 +316,7 @@ def step_checked_on_device(optimizer: torch.optim.Optimizer, loss: Tensor, grad_
     finally:
         del inner.found_inf
     optimizer.zero_grad(set_to_none=True)
-    return host_values(loss, grad_norm)
+    return start_host_read(loss, grad_norm)
 
 
 def step_checked_on_host(accelerator: Accelerator, optimizer: torch.optim.Optimizer, loss: Tensor,
@@ -234,6 +342,19 @@ def host_values(loss: Tensor, grad_norm: Tensor) -> tuple[float, float]:
     """The two () tensors as Python floats, in one copy (one wait for the device)."""
     loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()
     return loss_value, norm_value
+
+
+def start_host_read(loss: Tensor, grad_norm: Tensor) -> HostRead:
+    """Queue the copy of the two () tensors to the host. On CUDA it goes to pinned memory behind an event, so
+    that waiting for it does not wait for work queued after it."""
+    values = torch.stack([loss.float(), grad_norm.float()])
+    if values.device.type != "cuda":
+        return HostRead(values)
+    host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return HostRead(host, done)
 
 
 def parameters_finite(accelerator: Accelerator, model: nn.Module) -> bool:

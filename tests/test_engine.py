@@ -39,7 +39,7 @@ def record_order(monkeypatch, optimizer) -> list[str]:
     """What happens, in order: the optimizer's step (with the found_inf flag it saw) and host reads."""
     order: list[str] = []
     inner = optimizer.optimizer
-    step, read = inner.step, fcmae.engine.host_values
+    step, read, start_read = inner.step, fcmae.engine.host_values, fcmae.engine.start_host_read
 
     def recording_step(*args, **kwargs):
         flag = getattr(inner, "found_inf", None)
@@ -50,8 +50,13 @@ def record_order(monkeypatch, optimizer) -> list[str]:
         order.append("read")
         return read(*args)
 
+    def recording_start_read(*args):
+        order.append("copy to host")
+        return start_read(*args)
+
     monkeypatch.setattr(inner, "step", recording_step)
     monkeypatch.setattr(fcmae.engine, "host_values", recording_read)
+    monkeypatch.setattr(fcmae.engine, "start_host_read", recording_start_read)
     return order
 
 
@@ -69,7 +74,7 @@ def test_a_fused_optimizer_queues_its_step_before_the_host_reads_loss_and_norm(m
     acc, model, optimizer, loss = prepared(fused=True)
     order = record_order(monkeypatch, optimizer)
     stats = take_step(acc, model, optimizer, loss)
-    assert order == ["step(found_inf=0)", "read"]
+    assert order == ["step(found_inf=0)", "copy to host"]
     assert stats.loss == pytest.approx(loss.item()) and not stats.skipped
     assert not hasattr(optimizer.optimizer, "found_inf")  # the flag lives for one step only
     assert all(p.grad is None for p in model.parameters())

@@ -243,6 +243,35 @@ def test_pretraining_with_cuda_graphs_matches_default_compile(tmp_path):
     assert max(relative_error(graph_weights[k], weights[k]) for k in weights) < 1e-3
 
 
+def test_a_cuda_graph_run_stopped_and_resumed_ends_where_one_that_ran_through_does(tmp_path):
+    """The loop reads each step with the next micro-batch queued: a run stopped by ``train.max_steps`` drops
+    that micro-batch and resumes from its checkpoint (the GPU's generator as before the micro-batch drew its
+    stochastic depth) to the losses and weights of a run that did not stop."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fcmae.pretraining import run_pretraining
+    from tests.pretrain_helpers import reset_accelerate, tiny_config
+
+    common = ["data.generated_images=32", "train.batch_size=4", "train.gradient_accumulation_steps=2",
+              "train.epochs=2", "model.drop_path_rate=0.3", "train.compile=true",
+              "train.compile_mode=reduce-overhead", "checkpoint.every_steps=100"]
+    runs = {}
+    for name, max_steps in (("straight", 7), ("stopped", 3), ("stopped", 7)):
+        torch._dynamo.reset()
+        run_dir = run_pretraining(tiny_config(tmp_path / name, *common, f"train.max_steps={max_steps}"))
+        reset_accelerate()
+        lines = map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+        runs[name] = ({e["step"]: e["train/loss"] for e in lines if e["event"] == "metrics"},
+                      load_file(run_dir / "weights" / "encoder.safetensors"))
+    (losses, weights), (resumed, resumed_weights) = runs["straight"], runs["stopped"]
+    assert sorted(resumed) == sorted(losses) == list(range(1, 8))
+    assert torch.allclose(torch.tensor([resumed[s] for s in range(4, 8)]),
+                          torch.tensor([losses[s] for s in range(4, 8)]), rtol=1e-3, atol=0)
+    assert max(relative_error(resumed_weights[k], weights[k]) for k in weights) < 1e-3
+
+
 def test_cuda_graphs_compiled_on_an_sm_partition_are_recorded_on_its_stream():
     """Inside ``SmPartition.running`` the loop's stream is the green context's, inductor records its graphs
     there, and they compute what eager code does."""

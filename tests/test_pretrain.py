@@ -149,13 +149,18 @@ def test_cuda_graph_iterations_begin_once_per_optimizer_step(tmp_path, monkeypat
     cfg = tiny_config(tmp_path / "run", "data.generated_images=24", "train.batch_size=2",
                       "train.gradient_accumulation_steps=3")
     run = PretrainingRun(cfg)
-    micro_batches_seen = []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin",
-                        lambda: micro_batches_seen.append(run.state.batch_in_epoch))
+    pulled, micro_batches_seen = [], []
+
+    def counted(batches):
+        for batch in batches:
+            pulled.append(batch)
+            yield batch
+
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: micro_batches_seen.append(len(pulled)))
     steps = []
     engine = dataclasses.replace(run.engine(), cuda_graphs=True)
-    engine.train_one_epoch(run.loader.epoch(0), lambda stats: steps.append(stats) or len(steps) == 3)
-    assert micro_batches_seen == [0, 3, 6]
+    engine.train_one_epoch(counted(run.loader.epoch(0)), lambda stats: steps.append(stats) or len(steps) == 3)
+    assert micro_batches_seen == [1, 4, 7, 10]  # the fourth step's first micro-batch is queued, then dropped
     assert all(torch.isfinite(torch.tensor(s.loss)) for s in steps)
 
 
@@ -179,12 +184,40 @@ def test_the_loop_frees_each_batch_before_its_optimizer_step_waits_for_the_gpu(t
         while prepared:
             yield prepared.pop(0)
 
-    step = Engine.optimizer_step
-    monkeypatch.setattr(Engine, "optimizer_step",
-                        lambda self, loss: freed_at_step.append(len(freed)) or step(self, loss))
+    settle = Engine.settle
+    monkeypatch.setattr(Engine, "settle",
+                        lambda self, queued, on_step: freed_at_step.append(len(freed)) or settle(self, queued, on_step))
     steps = []
     run.engine().train_one_epoch(handed_over(), lambda stats: steps.append(stats) or len(steps) == 3)
-    assert freed_at_step == [1, 2, 3]
+    assert freed_at_step == [2, 3, 3]  # a step is read once the next micro-batch is queued, the last at the end
+
+
+def test_on_step_sees_its_own_step_and_a_stop_leaves_no_trace_of_the_micro_batch_queued_after_it(tmp_path):
+    """Step n is read once step n + 1's first micro-batch is queued. The state and random generators on_step
+    sees are step n's, and after a stop the run trains on from its data position to the weights of a run that
+    never stopped (stochastic depth draws from the default generators)."""
+    from fcmae.pretraining import PretrainingRun
+
+    common = ["data.generated_images=16", "train.batch_size=2", "train.gradient_accumulation_steps=2",
+              "model.drop_path_rate=0.5"]
+    straight = PretrainingRun(tiny_config(tmp_path / "a", *common))
+    straight.engine().train_one_epoch(straight.loader.epoch(0), lambda stats: False)
+    expected = [p.detach().clone() for p in straight.model.parameters()]
+    reset_accelerate()
+    run = PretrainingRun(tiny_config(tmp_path / "b", *common))
+    seen = []
+
+    def stop_at_step_2(stats):
+        seen.append((run.state.step, run.state.batch_in_epoch, torch.random.get_rng_state()))
+        return run.state.step == 2
+
+    assert run.engine().train_one_epoch(run.loader.epoch(0), stop_at_step_2)
+    assert [(step, position) for step, position, _ in seen] == [(1, 2), (2, 4)]
+    assert torch.equal(seen[-1][2], torch.random.get_rng_state())  # left as on_step saw them
+    assert all(p.grad is None for p in run.model.parameters())
+    assert not run.engine().train_one_epoch(run.loader.epoch(0, run.state.batch_in_epoch), lambda stats: False)
+    assert (run.state.step, run.state.batch_in_epoch) == (4, 8)
+    assert all(torch.equal(p, q) for p, q in zip(run.model.parameters(), expected, strict=True))
 
 
 class Marker:

@@ -33,14 +33,13 @@ def train(run_dir: str, throttle: float = 0.0, hang_at_checkpoint: int | None = 
 
 
 def _slow_down_steps(seconds: float) -> None:
-    original = fcmae.engine.Engine.optimizer_step
+    original = fcmae.engine.Engine.settle
 
-    def slow(self, local_loss):
-        stats = original(self, local_loss)
+    def slow(self, queued, on_step):
         time.sleep(seconds)
-        return stats
+        return original(self, queued, on_step)
 
-    fcmae.engine.Engine.optimizer_step = slow
+    fcmae.engine.Engine.settle = slow
 
 
 def _hang_in_checkpoint_write(run_dir: Path, step: int) -> None:
