@@ -120,7 +120,7 @@ class Engine:
         queued: QueuedStep | None = None  # the last optimizer step: update queued, figures not yet on the host
         for batch in batches:
             if queued is not None:  # this micro-batch runs before the queued step is settled
-                generators_before = GeneratorStates.of(acc.device)
+                generators_at_step = GeneratorStates.of(acc.device)
             issues += batch["issues"]
             pixels = batch["pixel_values"].to(acc.device, non_blocking=True)
             imgs = normalize_pixels(pixels, mean, std, memory_format)
@@ -141,12 +141,9 @@ class Engine:
             loss_sum += loss.detach().float()
             micro += 1
             if queued is not None:
-                generators_now = GeneratorStates.of(acc.device)
-                generators_before.restore()
-                if self.settle(queued, on_step):
+                if self.settle(queued, on_step, generators_at_step):
                     self.optimizer.zero_grad(set_to_none=True)  # the micro-batch queued since is dropped
                     return True
-                generators_now.restore()
                 queued = None
             if syncs:
                 queued = self.queue_step(loss_sum / micro, micro, issues)
@@ -167,13 +164,26 @@ class Engine:
                                       local_loss, clip_grad=self.clip_grad)
         return dataclasses.replace(queued, micro_batches=micro_batches, issues=issues)
 
-    def settle(self, queued: QueuedStep, on_step: Callable[[StepStats], bool]) -> bool:
-        """Wait for a queued step's figures, count it and its micro-batches, and return ``on_step``'s answer."""
+    def settle(self, queued: QueuedStep, on_step: Callable[[StepStats], bool],
+               generators_at_step: GeneratorStates | None = None) -> bool:
+        """Wait for a queued step's figures, count it and its micro-batches, and return ``on_step``'s answer.
+
+        Args:
+            generators_at_step: the random generators as the step left them, for ``on_step`` to run with (a
+                micro-batch queued since has drawn from them); they stay so when it stops the loop.
+        """
         stats = settle_step(queued, self.state, global_batch=self.global_batch,
                             stop_after_nonfinite=self.stop_after_nonfinite)
         self.state.batch_in_epoch += queued.micro_batches
         self.issues.record(queued.issues)
-        return on_step(stats)
+        if generators_at_step is None:
+            return on_step(stats)
+        generators_now = GeneratorStates.of(self.accelerator.device)
+        generators_at_step.restore()
+        if on_step(stats):
+            return True
+        generators_now.restore()
+        return False
 
 
 def input_memory_format(model: nn.Module) -> torch.memory_format:

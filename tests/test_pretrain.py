@@ -186,7 +186,7 @@ def test_the_loop_frees_each_batch_before_its_optimizer_step_waits_for_the_gpu(t
 
     settle = Engine.settle
     monkeypatch.setattr(Engine, "settle",
-                        lambda self, queued, on_step: freed_at_step.append(len(freed)) or settle(self, queued, on_step))
+                        lambda self, *args: freed_at_step.append(len(freed)) or settle(self, *args))
     steps = []
     run.engine().train_one_epoch(handed_over(), lambda stats: steps.append(stats) or len(steps) == 3)
     assert freed_at_step == [2, 3, 3]  # a step is read once the next micro-batch is queued, the last at the end

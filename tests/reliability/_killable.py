@@ -35,9 +35,9 @@ def train(run_dir: str, throttle: float = 0.0, hang_at_checkpoint: int | None = 
 def _slow_down_steps(seconds: float) -> None:
     original = fcmae.engine.Engine.settle
 
-    def slow(self, queued, on_step):
+    def slow(self, *args):
         time.sleep(seconds)
-        return original(self, queued, on_step)
+        return original(self, *args)
 
     fcmae.engine.Engine.settle = slow
 
