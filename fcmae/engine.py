@@ -197,7 +197,7 @@ def input_memory_format(model: nn.Module) -> torch.memory_format:
 @dataclasses.dataclass
 class GeneratorStates:
     """The states of torch's default random number generators a training step draws from (stochastic depth):
-    the CPU's, and the training GPU's when it trains on one."""
+    the CPU's, and the training device's when that is a CUDA GPU (other accelerators' are not kept)."""
 
     generators: list[torch.Generator]
     states: list[Tensor]
