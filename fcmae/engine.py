@@ -17,9 +17,10 @@ Where the optimizer can skip an update on the device (fused AdamW takes a ``foun
 host reads the loss and norm afterwards. The host's share of the step (the optimizer's Python) then
 overlaps the backward pass instead of following it while the GPU idles.
 
-The pretraining loop reads step ``n``'s loss and norm one micro-batch late: after queuing the first
-micro-batch of step ``n + 1``, so the GPU has work while the host waits for the figures, counts the step
-and runs ``on_step``, and does not idle while the host prepares the next step. The state ``on_step`` sees
+The pretraining loop settles step ``n`` one micro-batch late: after queuing the first micro-batch of step
+``n + 1`` it waits for the figures, counts the step and runs ``on_step``. Where the check runs on the
+device, the GPU thus has work while the host waits, and does not idle while the host prepares the next
+step; where it runs on the host, the wait came before the update and only the counting moves. The state ``on_step`` sees
 is that of step ``n`` (its micro-batches counted, not the one queued after it), random number generators
 included: ``on_step`` runs with them as they were before that micro-batch drew its stochastic depth, so a
 checkpoint it writes resumes exactly. When ``on_step`` stops the loop, the queued micro-batch's gradients
@@ -116,6 +117,9 @@ class Engine:
         mean, std = (torch.tensor(v, device=acc.device) for v in (self.mean, self.std))
         memory_format = input_memory_format(self.model)
         accumulation = acc.gradient_accumulation_steps
+        # accelerate's optimizer wrapper steps and zeroes only while this process-wide flag is set; only its
+        # accumulate() changes it, which this loop does not use (below), but an earlier loop may have.
+        acc.gradient_state._set_sync_gradients(True)
         loss_sum, micro, issues = torch.zeros((), device=acc.device), 0, []
         queued: QueuedStep | None = None  # the last optimizer step: update queued, figures not yet on the host
         for batch in batches:
@@ -197,22 +201,21 @@ def input_memory_format(model: nn.Module) -> torch.memory_format:
 @dataclasses.dataclass
 class GeneratorStates:
     """The states of torch's default random number generators a training step draws from (stochastic depth):
-    the CPU's, and the training device's when that is a CUDA GPU (other accelerators' are not kept)."""
+    the CPU's, and the training device's when that is an accelerator (CUDA, XPU, MPS)."""
 
-    generators: list[torch.Generator]
-    states: list[Tensor]
+    device: torch.device
+    cpu: Tensor
+    accelerator: Tensor | None
 
     @classmethod
     def of(cls, device: torch.device) -> GeneratorStates:
-        generators = [torch.default_generator]
-        if device.type == "cuda":
-            generators.append(torch.cuda.default_generators[
-                device.index if device.index is not None else torch.cuda.current_device()])
-        return cls(generators, [g.get_state() for g in generators])
+        on_device = torch.get_device_module(device).get_rng_state(device) if device.type != "cpu" else None
+        return cls(device, torch.get_rng_state(), on_device)
 
     def restore(self) -> None:
-        for generator, state in zip(self.generators, self.states, strict=True):
-            generator.set_state(state)
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            torch.get_device_module(self.device).set_rng_state(self.accelerator, self.device)
 
 
 @dataclasses.dataclass
@@ -363,7 +366,7 @@ def start_host_read(loss: Tensor, grad_norm: Tensor) -> HostRead:
     host = torch.empty(2, dtype=torch.float32, pin_memory=True)
     host.copy_(values, non_blocking=True)
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(values.device))
     return HostRead(host, done)
 
 

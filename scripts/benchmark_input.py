@@ -163,8 +163,9 @@ def synthetic_batches(batch_size: int, size: int, pin: bool) -> Iterator[dict]:
 def train_images_per_s(run: PretrainingRun, batches, skip: int, steps: int) -> float:
     """Images/s of the run's training loop over ``batches``, timed from optimizer step ``skip`` to ``skip + steps``.
 
-    A step's timestamp is taken when its loss and gradient norm reach the host, which is when its update has
-    finished on the GPU (the loop reads them with the next step's first micro-batch queued).
+    A step's timestamp is taken when its loss and gradient norm reach the host: with the run's fused AdamW,
+    when its update has finished on the GPU (the loop reads them with the next step's first micro-batch
+    queued, and drops that micro-batch when it stops).
     """
     stamps: list[float] = []
 

@@ -220,6 +220,20 @@ def test_on_step_sees_its_own_step_and_a_stop_leaves_no_trace_of_the_micro_batch
     assert all(torch.equal(p, q) for p, q in zip(run.model.parameters(), expected, strict=True))
 
 
+def test_the_loop_steps_whatever_an_earlier_accumulation_window_left_behind(tmp_path):
+    """accelerate's optimizer wrapper steps only while its process-wide sync flag is set, which an earlier loop
+    using accelerate's accumulate() may have left cleared; the pretraining loop does its own accumulation."""
+    from fcmae.pretraining import PretrainingRun
+
+    run = PretrainingRun(tiny_config(tmp_path / "run", "data.generated_images=8", "train.batch_size=2"))
+    before = [p.detach().clone() for p in run.model.parameters()]
+    run.accelerator.gradient_state._set_sync_gradients(False)  # as a window cut short leaves it
+    run.engine().train_one_epoch(run.loader.epoch(0), lambda stats: stats is None)
+    assert run.state.step == 4
+    assert not any(torch.equal(p, q) for p, q in zip(run.model.parameters(), before, strict=True)
+                   if p.dim() == 4)  # every conv kernel was updated
+
+
 class Marker:
     """Something a batch holds, to see when it is freed."""
 
