@@ -20,11 +20,12 @@ overlaps the backward pass instead of following it while the GPU idles.
 The pretraining loop settles step ``n`` one micro-batch late: after queuing the first micro-batch of step
 ``n + 1`` it waits for the figures, counts the step and runs ``on_step``. Where the check runs on the
 device, the GPU thus has work while the host waits, and does not idle while the host prepares the next
-step; where it runs on the host, the wait came before the update and only the counting moves. The state ``on_step`` sees
-is that of step ``n`` (its micro-batches counted, not the one queued after it), random number generators
-included: ``on_step`` runs with them as they were before that micro-batch drew its stochastic depth, so a
-checkpoint it writes resumes exactly. When ``on_step`` stops the loop, the queued micro-batch's gradients
-are dropped and the generators stay rewound; a resumed run reads that batch again.
+step; where it runs on the host, the wait came before the update and only the counting moves. The state
+``on_step`` sees is that of step ``n`` (its micro-batches counted, not the one queued after it), random
+number generators included: ``on_step`` runs with them as they were before that micro-batch drew its
+stochastic depth, so a checkpoint it writes resumes exactly. When ``on_step`` stops the loop, the queued
+micro-batch's gradients are dropped and the generators stay rewound; a resumed run reads that batch
+again.
 """
 
 from __future__ import annotations
