@@ -5,12 +5,13 @@ keyed generator before any pixel is decoded, exactly as the CPU path does
 (:meth:`PretrainTransform.plan`). Their collate packs a batch's files into one byte buffer
 (:func:`pack_encoded`), so the workers stay plain CPU processes. In the training process,
 :func:`decode_ahead` runs :class:`DeviceCropDecoder` in a background thread, a few batches ahead of the
-loop: nvJPEG (``torchvision.io.decode_jpeg`` on the device; the GPU's hardware JPEG decoder where it has
-one) decodes the batch's files on torchvision's own stream while the thread waits, then the thread's
-high-priority stream crops, resizes (bicubic, antialiased) and flips them. A second thread receives the
-workers' batches a few ahead of the decoding thread. The loop gets uint8 ``(B, C, S, S)`` pixels already
-on the GPU. One CUDA context does all the work, so decoding overlaps the training kernels instead of
-taking turns with them.
+loop. nvJPEG's hardware decoder, called directly (:mod:`fcmae.nvjpeg`, ``data.gpu_decoder=direct``),
+decodes the batch's files on the thread's high-priority stream; ``torchvision.io.decode_jpeg`` decodes
+those it does not take (all of them with ``data.gpu_decoder=torchvision``, or where the GPU has no
+hardware decoder) on torchvision's own stream while the thread waits. Then the thread's stream crops,
+resizes (bicubic, antialiased) and flips them. A second thread receives the workers' batches a few ahead
+of the decoding thread. The loop gets uint8 ``(B, C, S, S)`` pixels already on the GPU. One CUDA context
+does all the work, so decoding overlaps the training kernels instead of taking turns with them.
 
 Images nvJPEG is not given are decoded on the CPU in the worker, as without this option: not a JPEG, an
 EXIF rotation, a CMYK JPEG, a file with no end-of-image marker in its last 4 KiB (likely truncated, which
@@ -42,6 +43,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from fcmae.crop_resize import crop_and_resize
 from fcmae.data import ImageSource, PretrainImages, first_good
 from fcmae.images import MODES_BY_CHANNELS, can_reduce, jpeg_bytes, open_image
+from fcmae.nvjpeg import HardwareDecoderUnavailable, HardwareJpegDecoder
 from fcmae.pretrain_config import DataConfig
 from fcmae.transforms import PretrainTransform, keyed_generator
 
@@ -182,11 +184,19 @@ class DeviceCropDecoder:
         size: output side S.
         device: where to decode (a CUDA device; a CPU device decodes with libjpeg-turbo, for tests).
         images: the dataset whose batches it decodes (it redoes refused files on the CPU).
+        gpu_decoder: ``data.gpu_decoder`` on a CUDA device: ``direct`` decodes with
+            :class:`fcmae.nvjpeg.HardwareJpegDecoder` what it takes and with torchvision the rest (all of it
+            where the GPU has no hardware decoder, which is logged once); ``torchvision`` decodes everything
+            with ``torchvision.io.decode_jpeg``.
     """
 
-    def __init__(self, size: int, device: torch.device, images: EncodedPretrainImages):
+    def __init__(self, size: int, device: torch.device, images: EncodedPretrainImages,
+                 gpu_decoder: str = "direct"):
         self.size, self.device, self.images = size, device, images
+        self.gpu_decoder = gpu_decoder
         self.refused = 0
+        self._hardware: HardwareJpegDecoder | None = None
+        self._hardware_tried = False
 
     def __call__(self, batch: EncodedBatch) -> dict[str, Any]:
         on_device = [i for i, crop in enumerate(batch.crops) if crop is not None]
@@ -243,15 +253,36 @@ class DeviceCropDecoder:
     def _decode(self, files: list[Tensor], encoded: list[EncodedCrop]) -> list[Tensor | None]:
         self._wait_for_pending_reads()
         try:
-            return decode_jpeg(files, mode=self._read_mode(), device=self.device)
+            return self._decode_all(files)
         except RuntimeError as err:  # one bad file fails the call: find it
             if device_fault(err):
                 raise
             return [self._decode_one(data, e.key) for data, e in zip(files, encoded, strict=True)]
 
+    def _decode_all(self, files: list[Tensor]) -> list[Tensor]:
+        hardware = self._hardware_decoder()
+        if hardware is None:
+            return decode_jpeg(files, mode=self._read_mode(), device=self.device)
+        images = hardware.decode(files, CHANNELS[self.images.mode])
+        rest = [i for i, image in enumerate(images) if image is None]
+        if rest:
+            for i, image in zip(rest, decode_jpeg([files[i] for i in rest], mode=self._read_mode(),
+                                                  device=self.device), strict=True):
+                images[i] = image
+        return images
+
+    def _hardware_decoder(self) -> HardwareJpegDecoder | None:
+        """The direct hardware decoder, made on first use (in the decoding thread, on the primary context)."""
+        if not self._hardware_tried:
+            self._hardware_tried = True
+            self._hardware = hardware_decoder(self.device, self.gpu_decoder)
+        return self._hardware
+
     def _wait_for_pending_reads(self) -> None:
-        """nvJPEG writes its output on a stream of its own, into memory taken on the current stream, which
-        may hold the last chunk's images while queued kernels still read them: let those finish first."""
+        """torchvision's nvJPEG call writes its output on a stream of its own, into memory taken on the current
+        stream, which may hold the last chunk's images while queued kernels still read them: let those finish
+        first. The direct decoder is given the current stream, but nvJPEG does not document that its engines'
+        writes wait for the work queued there, so it waits too."""
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
@@ -357,6 +388,18 @@ def _in_thread(items: Iterable[Any], depth: int, name: str) -> Iterator[Any]:
         stop.set()
         if thread is not threading.current_thread():  # a generator collected in a cycle may close in it
             thread.join()
+
+
+def hardware_decoder(device: torch.device, gpu_decoder: str) -> HardwareJpegDecoder | None:
+    """The direct hardware decoder for ``device`` under ``data.gpu_decoder``: None for torchvision's decoder, on
+    a CPU device, or where it cannot be made (logged)."""
+    if gpu_decoder != "direct" or device.type != "cuda":
+        return None
+    try:
+        return HardwareJpegDecoder(device)
+    except HardwareDecoderUnavailable as err:
+        logger.warning("data.gpu_decoder=direct: %s; torchvision's decoder decodes instead", err)
+        return None
 
 
 def device_fault(err: RuntimeError) -> bool:

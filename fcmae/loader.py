@@ -165,7 +165,7 @@ def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int
             dataset = EncodedPretrainImages(source, transform, cfg, in_chans, seed)
             # JPEG bytes go to nvJPEG from pageable memory: nothing to pin.
             kwargs.update(collate_fn=pack_encoded, pin_memory=False)
-            decoder = DeviceCropDecoder(cfg.input_size, decode_device, dataset)
+            decoder = DeviceCropDecoder(cfg.input_size, decode_device, dataset, cfg.gpu_decoder)
         loader = PretrainLoader(dataset, batches, kwargs, sampler, decoder)
     if batches == 0:
         raise ConfigError("train.batch_size", f"the corpus has {num_samples} images, fewer than one optimizer step "

@@ -72,6 +72,7 @@ class DataConfig:
     decode_device: str = "cpu"  # cuda: the training process decodes and crops JPEGs on its GPU (nvJPEG)
     cpu_decode_share: float = 0.0  # with decode_device=cuda: share of each batch the workers still decode on the CPU
     decoder_sms: int = 0  # with decode_device=cuda: train on all but about this many SMs, left to the decoder (0: all)
+    gpu_decoder: str = "direct"  # with decode_device=cuda: direct (nvJPEG's hardware decoder itself) or torchvision
     mean: tuple[float, ...] = IMAGENET_MEAN  # per-channel normalisation mean (one value per in_chans)
     std: tuple[float, ...] = IMAGENET_STD  # per-channel normalisation std
     num_workers: int = 4  # DataLoader worker processes per training process
@@ -109,6 +110,8 @@ class DataConfig:
         _check(self.decoder_sms >= 0, "decoder_sms", f"must be >= 0, got {self.decoder_sms}")
         _check(self.decoder_sms == 0 or self.decode_device == "cuda", "decoder_sms",
                "leaves SMs to the GPU's JPEG decoder, so it needs decode_device=cuda")
+        _check(self.gpu_decoder in ("direct", "torchvision"), "gpu_decoder",
+               f"must be direct or torchvision, got {self.gpu_decoder!r}")
         _check(self.max_image_pixels > 0, "max_image_pixels", "must be > 0")
         _check(self.max_bad_in_a_row >= 1, "max_bad_in_a_row", "must be >= 1")
         _check(self.num_samples is None or self.num_samples > 0, "num_samples", "must be > 0")

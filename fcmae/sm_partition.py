@@ -1,7 +1,7 @@
 """Train on part of the GPU's SMs, so that the JPEG decoder beside the loop finds some of them free.
 
-With ``data.decode_device=cuda``, nvJPEG decodes on torchvision's stream in the primary CUDA context and waits
-on the host for GPU work of its own, image by image: beside a training step that fills every SM, a batch's
+With ``data.decode_device=cuda``, nvJPEG decodes in the primary CUDA context, and its hardware path waits on
+the host for GPU work of its own, image by image: beside a training step that fills every SM, a batch's
 decode takes two to three times as long as on an idle GPU (docs/input_pipeline_measurements.md, calls 45-54).
 A CUDA green context confines the work of its streams to a set of SMs. With ``data.decoder_sms=N`` the loop
 runs on a stream of a green context that holds all but about N of the SMs; the decoder stays on the primary

@@ -186,7 +186,7 @@ def run_config(args: argparse.Namespace, output_dir: str) -> PretrainConfig:
         f"model.name=convnextv2_{args.size}", f"model.backend={args.backend}", f"output_dir={output_dir}",
         f"data.input_size={args.input_size}", f"data.num_workers={args.workers}", f"train.batch_size={args.batch_size}",
         f"data.decode_device={args.decode_device}", f"data.cpu_decode_share={args.cpu_decode_share}",
-        f"data.decoder_sms={args.decoder_sms}",
+        f"data.decoder_sms={args.decoder_sms}", f"data.gpu_decoder={args.gpu_decoder}",
         f"train.compile={str(args.compile is not None).lower()}",
         f"train.compile_mode={args.compile or 'default'}", "log.trackers=[]", "log.progress_bar=false",
     ])
@@ -224,7 +224,8 @@ def measure_training(args: argparse.Namespace, source: ImageSource) -> dict:
     per_round = [r / s for r, s in zip(real, synthetic, strict=True)]
     return {"synthetic": medians[0], "real": medians[1], "ratio": medians[1] / medians[0],
             "rounds": {"synthetic": synthetic, "real": real, "ratio": per_round},
-            "decoder_sms": args.decoder_sms, "device_type": device.type, "precision": precision}
+            "decoder_sms": args.decoder_sms, "gpu_decoder": args.gpu_decoder, "device_type": device.type,
+            "precision": precision}
 
 
 def process_argv(argv: list[str], index: int, against_whole_gpu: bool) -> list[str]:
@@ -324,6 +325,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="data.cpu_decode_share: with --decode-device cuda, the share of each batch the workers decode")
     p.add_argument("--decoder-sms", type=int, default=0,
                    help="data.decoder_sms: with --decode-device cuda, train on all but about this many SMs")
+    p.add_argument("--gpu-decoder", default="direct", choices=["direct", "torchvision"],
+                   help="data.gpu_decoder: with --decode-device cuda, nvJPEG's hardware decoder called directly, or "
+                        "torchvision's decode_jpeg")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=20, help="synthetic optimizer steps before timing (compiles)")
@@ -378,7 +382,8 @@ def measure(args: argparse.Namespace) -> dict:
     source = folder_source(args.data, repeat)
     cfg = load_pretrain_config(None, [f"data.input_size={args.input_size}", f"data.num_workers={args.workers}",
                                       f"data.decode_device={args.decode_device}",
-                                      f"data.cpu_decode_share={args.cpu_decode_share}"]).data
+                                      f"data.cpu_decode_share={args.cpu_decode_share}",
+                                      f"data.gpu_decoder={args.gpu_decoder}"]).data
     return {
         "decode_ms": {str(on).lower(): decode_ms(source, dataclasses.replace(cfg, reduced_decode=on),
                                                  args.decode_images) for on in (True, False)},

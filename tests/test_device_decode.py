@@ -268,6 +268,8 @@ def test_decode_device_is_checked_against_the_run():
         DataConfig(cpu_decode_share=0.5).validate()
     with pytest.raises(ConfigError, match=r"cpu_decode_share.*\[0, 1\], got 1.5"):
         DataConfig(decode_device="cuda", cpu_decode_share=1.5).validate()
+    with pytest.raises(ConfigError, match="gpu_decoder.*direct or torchvision, got 'nvjpeg'"):
+        DataConfig(decode_device="cuda", gpu_decoder="nvjpeg").validate()
 
 
 def test_rgba_input_refuses_device_decoding():

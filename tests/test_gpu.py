@@ -160,7 +160,8 @@ def test_crop_kernels_match_the_matmuls_on_a_batch_of_photo_sized_crops():
     assert got.shape == want.shape and diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
-def test_nvjpeg_crops_are_close_to_the_cpu_paths():
+@pytest.mark.parametrize("gpu_decoder", ["direct", "torchvision"])
+def test_nvjpeg_crops_are_close_to_the_cpu_paths(gpu_decoder):
     """The same crops and flips; nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level
     or two, the resampling kernel is the float one of the GPU."""
     from fcmae.device_decode import DeviceCropDecoder, pack_encoded
@@ -169,7 +170,8 @@ def test_nvjpeg_crops_are_close_to_the_cpu_paths():
     files = [encoded(photo(500, 375, seed)) for seed in range(6)] + [encoded(photo(375, 500, 9, "L"))]
     on_device, on_cpu = datasets_pair(files)
     keys = [(e, i) for e in range(2) for i in range(len(files))]
-    got = DeviceCropDecoder(SIZE, torch.device("cuda"), on_device)(pack_encoded([on_device[k] for k in keys]))
+    decoder = DeviceCropDecoder(SIZE, torch.device("cuda"), on_device, gpu_decoder)
+    got = decoder(pack_encoded([on_device[k] for k in keys]))
     want = cpu_batch(on_cpu, keys)
     assert got["issues"] == want["issues"] and got["pixel_values"].device.type == "cuda"
     mean, worst = _pixel_diff(got["pixel_values"].cpu(), want["pixel_values"])
@@ -177,15 +179,17 @@ def test_nvjpeg_crops_are_close_to_the_cpu_paths():
     assert mean < 0.25 and worst <= 4  # measured on an H200: 0.074 and 1; a crop 2 px off gives about 1.3 and 6
 
 
-def test_decoded_images_are_not_overwritten_while_their_crops_wait_on_the_stream():
-    """nvJPEG writes on torchvision's own stream, into memory taken on the current one. A batch decoded while
-    the last one's crops still queue behind other work there must not reuse the images those crops read."""
+@pytest.mark.parametrize("gpu_decoder", ["direct", "torchvision"])
+def test_decoded_images_are_not_overwritten_while_their_crops_wait_on_the_stream(gpu_decoder):
+    """torchvision's nvJPEG call writes on a stream of its own, the direct decoder's engines perhaps outside
+    stream order, into memory taken on the current one. A batch decoded while the last one's crops still queue
+    behind other work there must not reuse the images those crops read."""
     from fcmae.device_decode import DeviceCropDecoder, pack_encoded
     from tests.test_device_decode import SIZE, datasets_pair, encoded, photo
 
     files = [encoded(photo(500, 375, seed)) for seed in range(8)]
     on_device, _ = datasets_pair(files)
-    decoder = DeviceCropDecoder(SIZE, torch.device("cuda"), on_device)
+    decoder = DeviceCropDecoder(SIZE, torch.device("cuda"), on_device, gpu_decoder)
     batches = [pack_encoded([on_device[(epoch, i)] for i in range(len(files))]) for epoch in range(3)]
     want = [decoder(b)["pixel_values"].cpu() for b in batches]  # one at a time, each read back
     stream = torch.cuda.Stream()
@@ -194,6 +198,27 @@ def test_decoded_images_are_not_overwritten_while_their_crops_wait_on_the_stream
         got = [decoder(b)["pixel_values"] for b in batches]
     torch.cuda.synchronize()
     assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_the_direct_hardware_decoder_gives_torchvisions_pixels(mode):
+    """Baseline JPEGs of several sizes and chroma subsamplings, and a grayscale one, decoded by the engines
+    through both bindings; a progressive file is left to the caller (or taken, with the same pixels)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from fcmae.nvjpeg import HardwareJpegDecoder
+    from tests.test_device_decode import encoded, photo
+
+    files = [encoded(photo(500, 375, 0)), encoded(photo(333, 500, 1)), encoded(photo(501, 377, 2)),
+             encoded(photo(320, 240, 3), subsampling=0), encoded(photo(320, 240, 4), subsampling=1),
+             encoded(photo(300, 200, 5, "L")), encoded(photo(120, 90, 6), progressive=True)]
+    tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+    channels, read_mode = {"RGB": (3, ImageReadMode.RGB), "L": (1, ImageReadMode.GRAY)}[mode]
+    got = HardwareJpegDecoder(torch.device("cuda")).decode(tensors, channels)
+    want = decode_jpeg(tensors, mode=read_mode, device="cuda")
+    assert all(image is not None for image in got[:5])
+    for image, expected in zip(got, want, strict=True):
+        assert image is None or (image.shape == expected.shape and torch.equal(image, expected))
 
 
 def test_loader_decoding_on_cuda_ahead_of_the_loop():
