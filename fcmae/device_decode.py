@@ -43,7 +43,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from fcmae.crop_resize import crop_and_resize
 from fcmae.data import ImageSource, PretrainImages, first_good
 from fcmae.images import MODES_BY_CHANNELS, can_reduce, jpeg_bytes, open_image
-from fcmae.nvjpeg import HardwareDecoderUnavailable, HardwareJpegDecoder
+from fcmae.nvjpeg import HardwareDecoderUnavailable, HardwareJpegDecoder, NvjpegError
 from fcmae.pretrain_config import DataConfig
 from fcmae.transforms import PretrainTransform, keyed_generator
 
@@ -60,6 +60,9 @@ DECODE_AHEAD = 2
 RECEIVE_AHEAD = 4
 # Faults of the device, not of a file: they stop the run rather than send every file to the CPU.
 _DEVICE_FAULTS = (torch.OutOfMemoryError, torch.AcceleratorError)
+GPU_DECODERS = ("direct", "torchvision")  # data.gpu_decoder's choices
+# Batches in a row the direct decoder may fail (each then decoded file by file) before torchvision's takes over.
+DIRECT_FAILURES_IN_A_ROW = 3
 # torchvision re-raises what fails inside its nvJPEG call as a plain RuntimeError; these name a device fault.
 _DEVICE_FAULT_WORDS = ("out of memory", "CUDA error")
 
@@ -186,17 +189,25 @@ class DeviceCropDecoder:
         images: the dataset whose batches it decodes (it redoes refused files on the CPU).
         gpu_decoder: ``data.gpu_decoder`` on a CUDA device: ``direct`` decodes with
             :class:`fcmae.nvjpeg.HardwareJpegDecoder` what it takes and with torchvision the rest (all of it
-            where the GPU has no hardware decoder, which is logged once); ``torchvision`` decodes everything
-            with ``torchvision.io.decode_jpeg``.
+            where the GPU has no hardware decoder, which is logged once, or after the direct decoder failed
+            :data:`DIRECT_FAILURES_IN_A_ROW` batches in a row); ``torchvision`` decodes everything with
+            ``torchvision.io.decode_jpeg``.
+
+    Raises:
+        ValueError: an unknown ``gpu_decoder``.
     """
 
     def __init__(self, size: int, device: torch.device, images: EncodedPretrainImages,
                  gpu_decoder: str = "direct"):
+        if gpu_decoder not in GPU_DECODERS:
+            raise ValueError(f"gpu_decoder must be one of {GPU_DECODERS}, got {gpu_decoder!r}")
         self.size, self.device, self.images = size, device, images
         self.gpu_decoder = gpu_decoder
         self.refused = 0
         self._hardware: HardwareJpegDecoder | None = None
         self._hardware_tried = False
+        self._direct_failures = 0  # batches in a row
+        self._direct_failure_logged = False
 
     def __call__(self, batch: EncodedBatch) -> dict[str, Any]:
         on_device = [i for i, crop in enumerate(batch.crops) if crop is not None]
@@ -257,6 +268,8 @@ class DeviceCropDecoder:
         except RuntimeError as err:  # one bad file fails the call: find it
             if device_fault(err):
                 raise
+            if isinstance(err, NvjpegError):
+                self._direct_failed(err)
             return [self._decode_one(data, e.key) for data, e in zip(files, encoded, strict=True)]
 
     def _decode_all(self, files: list[Tensor]) -> list[Tensor]:
@@ -264,12 +277,25 @@ class DeviceCropDecoder:
         if hardware is None:
             return decode_jpeg(files, mode=self._read_mode(), device=self.device)
         images = hardware.decode(files, CHANNELS[self.images.mode])
+        self._direct_failures = 0
         rest = [i for i, image in enumerate(images) if image is None]
         if rest:
             for i, image in zip(rest, decode_jpeg([files[i] for i in rest], mode=self._read_mode(),
                                                   device=self.device), strict=True):
                 images[i] = image
         return images
+
+    def _direct_failed(self, err: NvjpegError) -> None:
+        """Note a batch the direct decoder failed (its files are then decoded one by one): the first is logged,
+        and after :data:`DIRECT_FAILURES_IN_A_ROW` in a row torchvision's decoder takes over."""
+        self._direct_failures += 1
+        if self._direct_failures == DIRECT_FAILURES_IN_A_ROW:
+            self._hardware = None
+            logger.warning("the direct decoder failed %d batches in a row (%s); torchvision's decoder decodes "
+                           "from now on", self._direct_failures, err)
+        elif not self._direct_failure_logged:
+            logger.warning("the direct decoder failed a batch (%s); its files are decoded one by one", err)
+        self._direct_failure_logged = True
 
     def _hardware_decoder(self) -> HardwareJpegDecoder | None:
         """The direct hardware decoder, made on first use (in the decoding thread, on the primary context)."""

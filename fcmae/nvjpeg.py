@@ -24,13 +24,14 @@ from torch import Tensor
 _BACKEND_HARDWARE = 3
 # The hardware path buffers no images ahead of its engines: it then waits less for GPU work of its own.
 _FLAGS_HW_DECODE_NO_PIPELINE = 1
-_OUTPUT_FORMATS = {3: 3, 1: 2}  # channels -> NVJPEG_OUTPUT_RGB (planar) or NVJPEG_OUTPUT_Y
+_OUTPUT_Y, _OUTPUT_RGB = 2, 3  # luma only; planar RGB
+_OUTPUT_FORMATS = {3: _OUTPUT_RGB, 1: _OUTPUT_Y}  # by output channels
 _STATUS_NAMES = ("success", "not initialized", "invalid parameter", "bad jpeg", "jpeg not supported",
                  "allocator failure", "execution failed", "arch mismatch", "internal error",
                  "implementation not supported", "incomplete bitstream")
 _ALLOCATOR_FAILURE, _ARCH_MISMATCH = 5, 7
 _MAX_COMPONENTS = 4
-# Each image's planes start on this boundary in the batch's buffer, as the caching allocator aligns blocks.
+# Each image starts on this boundary in the batch's buffer, as the caching allocator aligns blocks.
 _IMAGE_ALIGNMENT = 512
 
 
@@ -85,8 +86,8 @@ def load_library() -> ctypes.CDLL:
 class HardwareJpegDecoder:
     """A batch of JPEG files -> their pixels on ``device``, from nvJPEG's hardware decoder.
 
-    Not thread-safe: one decoding thread uses it. Its handle lives in the CUDA context current on the thread
-    that makes it (make it on the thread that decodes, outside a green context).
+    Not thread-safe: one decoding thread uses it. Its handle lives in ``device``'s primary CUDA context, unless
+    a green context is current on the thread that makes it (make it on the thread that decodes).
 
     Raises:
         HardwareDecoderUnavailable: no libnvjpeg, or no hardware decoder on this GPU.
@@ -99,20 +100,26 @@ class HardwareJpegDecoder:
         with torch.cuda.device(device):
             status = self._lib.nvjpegCreateEx(_BACKEND_HARDWARE, None, None, _FLAGS_HW_DECODE_NO_PIPELINE,
                                               ctypes.byref(self._handle))
-        if status == _ARCH_MISMATCH:
-            raise HardwareDecoderUnavailable(f"{torch.cuda.get_device_name(device)} has no hardware JPEG decoder")
-        try:
-            self._check("nvjpegCreateEx", status)
-            weakref.finalize(self, _destroy, self._lib, self._handle, self._state, self._stream)
-            self._check("nvjpegJpegStateCreate",
-                        self._lib.nvjpegJpegStateCreate(self._handle, ctypes.byref(self._state)))
-            self._check("nvjpegJpegStreamCreate",
-                        self._lib.nvjpegJpegStreamCreate(self._handle, ctypes.byref(self._stream)))
-        except NvjpegError as err:
-            raise HardwareDecoderUnavailable(str(err)) from err
+            if status == _ARCH_MISMATCH:
+                raise HardwareDecoderUnavailable(f"{torch.cuda.get_device_name(device)} has no hardware JPEG "
+                                                 "decoder")
+            try:
+                self._check("nvjpegCreateEx", status)
+                # Not at exit: a daemon decoding thread may still be inside a call there (torchvision's decoder
+                # is never destroyed either).
+                weakref.finalize(self, _destroy, self._lib, self._handle, self._state, self._stream).atexit = False
+                self._check("nvjpegJpegStateCreate",
+                            self._lib.nvjpegJpegStateCreate(self._handle, ctypes.byref(self._state)))
+                self._check("nvjpegJpegStreamCreate",
+                            self._lib.nvjpegJpegStreamCreate(self._handle, ctypes.byref(self._stream)))
+            except NvjpegError as err:
+                raise HardwareDecoderUnavailable(str(err)) from err
 
     def decode(self, files: list[Tensor], channels: int) -> list[Tensor | None]:
         """Decode ``files`` on the current CUDA stream of :attr:`device`.
+
+        nvJPEG resets its batch state at each call: call again only once the last call's work is done (its
+        stream synchronised).
 
         Args:
             files: (N_i,) uint8 CPU tensors, each a whole JPEG file.
@@ -120,7 +127,8 @@ class HardwareJpegDecoder:
 
         Returns:
             Per file, (channels, H, W) uint8 on the device, or None for a file the hardware decoder does not
-            take (not baseline, or a header nvJPEG cannot parse): decode those another way.
+            take (progressive, some chroma subsamplings, a header nvJPEG cannot parse): decode those another
+            way.
 
         Raises:
             NvjpegError: the batch failed (likely a damaged file among them).
@@ -136,8 +144,9 @@ class HardwareJpegDecoder:
         out: list[Tensor | None] = [None] * len(files)
         if not taken:
             return out
-        images = self._allocate(shapes)
-        self._decode_batch([files[i] for i in taken], images, channels)
+        with torch.cuda.device(self.device):
+            images = self._allocate(shapes)
+            self._decode_batch([files[i] for i in taken], images, channels)
         for i, image in zip(taken, images, strict=True):
             out[i] = image
         return out
@@ -148,9 +157,8 @@ class HardwareJpegDecoder:
                                                  ctypes.c_size_t(data.numel()), self._stream) != 0:
             return None
         unsupported = ctypes.c_int(-1)
-        self._check("nvjpegDecodeBatchedSupported",
-                    self._lib.nvjpegDecodeBatchedSupported(self._handle, self._stream, ctypes.byref(unsupported)))
-        if unsupported.value != 0:
+        status = self._lib.nvjpegDecodeBatchedSupported(self._handle, self._stream, ctypes.byref(unsupported))
+        if status != 0 or unsupported.value != 0:
             return None
         width, height = ctypes.c_uint(), ctypes.c_uint()
         self._check("nvjpegJpegStreamGetFrameDimensions", self._lib.nvjpegJpegStreamGetFrameDimensions(
@@ -168,6 +176,7 @@ class HardwareJpegDecoder:
                 for start, size, shape in zip(starts, sizes, shapes, strict=True)]
 
     def _decode_batch(self, files: list[Tensor], images: list[Tensor], channels: int) -> None:
+        """One batched call: ``files[i]`` into ``images[i]`` ((channels, H, W), planes of pitch W)."""
         count = len(files)
         data = (ctypes.c_void_p * count)(*[f.data_ptr() for f in files])
         lengths = (ctypes.c_size_t * count)(*[f.numel() for f in files])
@@ -186,6 +195,7 @@ class HardwareJpegDecoder:
 
     @staticmethod
     def _check(call: str, status: int) -> None:
+        """Raise for an nvJPEG call's error status."""
         if status == _ALLOCATOR_FAILURE:
             raise torch.OutOfMemoryError(f"{call}: nvJPEG could not allocate its buffers (out of memory)")
         if status != 0:

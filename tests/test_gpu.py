@@ -172,6 +172,7 @@ def test_nvjpeg_crops_are_close_to_the_cpu_paths(gpu_decoder):
     keys = [(e, i) for e in range(2) for i in range(len(files))]
     decoder = DeviceCropDecoder(SIZE, torch.device("cuda"), on_device, gpu_decoder)
     got = decoder(pack_encoded([on_device[k] for k in keys]))
+    assert (decoder._hardware is not None) == (gpu_decoder == "direct")  # no silent fallback to torchvision
     want = cpu_batch(on_cpu, keys)
     assert got["issues"] == want["issues"] and got["pixel_values"].device.type == "cuda"
     mean, worst = _pixel_diff(got["pixel_values"].cpu(), want["pixel_values"])
@@ -202,8 +203,9 @@ def test_decoded_images_are_not_overwritten_while_their_crops_wait_on_the_stream
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_the_direct_hardware_decoder_gives_torchvisions_pixels(mode):
-    """Baseline JPEGs of several sizes and chroma subsamplings, and a grayscale one, decoded by the engines
-    through both bindings; a progressive file is left to the caller (or taken, with the same pixels)."""
+    """Baseline colour JPEGs of several sizes and chroma subsamplings, decoded by the engines through both
+    bindings, have the same pixels; a grayscale and a progressive file are either taken, with the same pixels,
+    or left to the caller."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from fcmae.nvjpeg import HardwareJpegDecoder
