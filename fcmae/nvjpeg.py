@@ -19,6 +19,7 @@ import weakref
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import Tensor
 
 _BACKEND_HARDWARE = 3
@@ -57,8 +58,6 @@ class _Image(ctypes.Structure):
 def library_candidates() -> list[Path]:
     """Where libnvjpeg may be, first choice first: torchvision's own copy (its CUDA wheels bundle it), then
     the CUDA toolkit's pip packages beside it, then the system's."""
-    import torchvision
-
     site = Path(torchvision.__file__).resolve().parents[1]
     found = sorted((site / "torchvision.libs").glob("libnvjpeg*.so*"))
     found += sorted(site.glob("nvidia/*/lib/libnvjpeg.so*"))
@@ -86,8 +85,8 @@ def load_library() -> ctypes.CDLL:
 class HardwareJpegDecoder:
     """A batch of JPEG files -> their pixels on ``device``, from nvJPEG's hardware decoder.
 
-    Not thread-safe: one decoding thread uses it. Its handle lives in ``device``'s primary CUDA context, unless
-    a green context is current on the thread that makes it (make it on the thread that decodes).
+    Not thread-safe: one decoding thread makes and uses it, in ``device``'s primary CUDA context (not on a
+    thread that runs in a green context: entering ``torch.cuda.device`` makes the primary context current).
 
     Raises:
         HardwareDecoderUnavailable: no libnvjpeg, or no hardware decoder on this GPU.

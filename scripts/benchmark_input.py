@@ -23,11 +23,11 @@ process's rounds agreed within 0.09. ``--processes N`` runs the whole benchmark 
 this script, one after another, and reports the medians of their figures (the training loop's ratio is
 the median of the processes' ratios).
 
-With ``--decoder-sms N`` the synthetic rounds train on the SM partition too, which is slower than the whole
-GPU: that ratio compares the two inputs on the same SMs. ``--against-whole-gpu`` (with ``--processes`` of 2
-or more) trains every second process on the whole GPU instead and also reports the partition's median real
-images/s over the whole GPU's median synthetic images/s: real input with the partition against the fastest
-synthetic loop.
+``--gpu-decoder`` sets ``data.gpu_decoder`` (who calls nvJPEG). With ``--decoder-sms N`` the synthetic rounds
+train on the SM partition too, which is slower than the whole GPU: that ratio compares the two inputs on
+the same SMs. ``--against-whole-gpu`` (with ``--processes`` of 2 or more) trains every second process on
+the whole GPU instead and also reports the partition's median real images/s over the whole GPU's median
+synthetic images/s: real input with the partition against the fastest synthetic loop.
 
 The folder's file list is repeated so that one epoch outlasts warm-up and measurement: an epoch end
 stalls every worker at once, which a real corpus (thousands of batches per epoch) almost never sees.
