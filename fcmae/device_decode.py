@@ -44,7 +44,7 @@ from fcmae.crop_resize import crop_and_resize
 from fcmae.data import ImageSource, PretrainImages, first_good
 from fcmae.images import MODES_BY_CHANNELS, can_reduce, jpeg_bytes, open_image
 from fcmae.nvjpeg import HardwareDecoderUnavailable, HardwareJpegDecoder, NvjpegError
-from fcmae.pretrain_config import DataConfig
+from fcmae.pretrain_config import GPU_DECODERS, DataConfig
 from fcmae.transforms import PretrainTransform, keyed_generator
 
 DEVICE_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
@@ -60,7 +60,6 @@ DECODE_AHEAD = 2
 RECEIVE_AHEAD = 4
 # Faults of the device, not of a file: they stop the run rather than send every file to the CPU.
 _DEVICE_FAULTS = (torch.OutOfMemoryError, torch.AcceleratorError)
-GPU_DECODERS = ("direct", "torchvision")  # data.gpu_decoder's choices
 # Batches in a row the direct decoder may fail (each then decoded file by file) before torchvision's takes over.
 DIRECT_FAILURES_IN_A_ROW = 3
 # torchvision re-raises what fails inside its nvJPEG call as a plain RuntimeError; these name a device fault.

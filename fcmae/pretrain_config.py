@@ -47,6 +47,9 @@ class ModelConfig:
             raise ConfigError("pretrained", f"not found: {self.pretrained}")
 
 
+GPU_DECODERS = ("direct", "torchvision")  # data.gpu_decoder's choices
+
+
 @dataclass
 class DataConfig:
     """Where images come from and how they are augmented.
@@ -110,7 +113,7 @@ class DataConfig:
         _check(self.decoder_sms >= 0, "decoder_sms", f"must be >= 0, got {self.decoder_sms}")
         _check(self.decoder_sms == 0 or self.decode_device == "cuda", "decoder_sms",
                "leaves SMs to the GPU's JPEG decoder, so it needs decode_device=cuda")
-        _check(self.gpu_decoder in ("direct", "torchvision"), "gpu_decoder",
+        _check(self.gpu_decoder in GPU_DECODERS, "gpu_decoder",
                f"must be direct or torchvision, got {self.gpu_decoder!r}")
         _check(self.max_image_pixels > 0, "max_image_pixels", "must be > 0")
         _check(self.max_bad_in_a_row >= 1, "max_bad_in_a_row", "must be >= 1")

@@ -75,7 +75,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fcmae.data import ImageSource, PretrainImages, image_folder_dataset  # noqa: E402
 from fcmae.device_decode import DECODE_AHEAD, RECEIVE_AHEAD  # noqa: E402
 from fcmae.loader import build_pretrain_loader, decode_device  # noqa: E402
-from fcmae.pretrain_config import DataConfig, PretrainConfig, TrainConfig, load_pretrain_config  # noqa: E402
+from fcmae.pretrain_config import (  # noqa: E402
+    GPU_DECODERS,
+    DataConfig,
+    PretrainConfig,
+    TrainConfig,
+    load_pretrain_config,
+)
 from fcmae.pretraining import PretrainingRun  # noqa: E402
 from fcmae.transforms import PretrainTransform  # noqa: E402
 
@@ -325,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="data.cpu_decode_share: with --decode-device cuda, the share of each batch the workers decode")
     p.add_argument("--decoder-sms", type=int, default=0,
                    help="data.decoder_sms: with --decode-device cuda, train on all but about this many SMs")
-    p.add_argument("--gpu-decoder", default="direct", choices=["direct", "torchvision"],
+    p.add_argument("--gpu-decoder", default="direct", choices=GPU_DECODERS,
                    help="data.gpu_decoder: with --decode-device cuda, nvJPEG's hardware decoder called directly, or "
                         "torchvision's decode_jpeg")
     p.add_argument("--batch-size", type=int, default=128)
