@@ -40,6 +40,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from fcmae.grad_norm import clip_gradients
 from fcmae.images import DataIssues
 from fcmae.optim import LrSchedule, apply_lr
 from fcmae.run_state import TrainState
@@ -276,7 +277,7 @@ def queue_optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: 
     acc = accelerator
     lr = schedule(state.step)
     apply_lr(optimizer, lr)
-    grad_norm = acc.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
+    grad_norm = clip_gradients(acc, model.parameters(), clip_grad)
     loss = acc.reduce(local_loss, reduction="mean")
     if acc.scaler is None and skips_on_device(optimizer):
         return QueuedStep(lr, step_checked_on_device(optimizer, loss, grad_norm))
