@@ -84,9 +84,13 @@ def test_gradients_are_unscaled_before_the_norm(monkeypatch):
 def test_sharded_gradients_go_through_accelerate(monkeypatch, kind):
     acc, model, reference = Accelerator(cpu=True), model_with_grads(), model_with_grads()
     calls = []
+
+    def recording_clip(params, max_norm):
+        calls.append((list(params), max_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     monkeypatch.setattr(type(acc), "distributed_type", property(lambda self: kind))
-    monkeypatch.setattr(acc, "clip_grad_norm_", lambda params, max_norm: calls.append((list(params), max_norm)) or
-                        torch.nn.utils.clip_grad_norm_(params, max_norm))
+    monkeypatch.setattr(acc, "clip_grad_norm_", recording_clip)
     norm = clip_gradients(acc, model.parameters(), None)
     assert len(calls) == 1 and calls[0][1] == math.inf and len(calls[0][0]) == len(list(model.parameters()))
     torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(reference.parameters(), math.inf))
