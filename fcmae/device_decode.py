@@ -3,7 +3,8 @@
 Loader workers read each file's header and bytes and draw the sample's crop and flip from the sample's
 keyed generator before any pixel is decoded, exactly as the CPU path does
 (:meth:`PretrainTransform.plan`). Their collate packs a batch's files into one byte buffer
-(:func:`pack_encoded`), so the workers stay plain CPU processes. In the training process,
+(:func:`pack_encoded`), in one of the worker's reused shared-memory slots (:mod:`fcmae.worker_slots`), so
+the workers stay plain CPU processes. In the training process,
 :func:`decode_ahead` runs :class:`DeviceCropDecoder` in a background thread, a few batches ahead of the
 loop. nvJPEG's hardware decoder, called directly (:mod:`fcmae.nvjpeg`, ``data.gpu_decoder=direct``),
 decodes the batch's files on the thread's high-priority stream; ``torchvision.io.decode_jpeg`` decodes
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -46,6 +48,7 @@ from fcmae.images import MODES_BY_CHANNELS, can_reduce, jpeg_bytes, open_image
 from fcmae.nvjpeg import HardwareDecoderUnavailable, HardwareJpegDecoder, NvjpegError
 from fcmae.pretrain_config import GPU_DECODERS, DataConfig
 from fcmae.transforms import PretrainTransform, keyed_generator
+from fcmae.worker_slots import SlotPlacement, SlotReceiver, WorkerSlots, fresh_tensors
 
 DEVICE_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
 CHANNELS = {mode: channels for channels, mode in MODES_BY_CHANNELS.items()}
@@ -149,26 +152,52 @@ class EncodedBatch:
             ``files``) or None for a sample decoded on the CPU.
         decoded: (K, C, S, S) uint8, the CPU-decoded samples in batch order ((0,) when none).
         issues: per sample, what its decoding reported.
+        placement: where a worker placed ``files`` and ``decoded`` in one of its shared-memory slots (see
+            :mod:`fcmae.worker_slots`), or None. A placed batch is pickled without those two tensors;
+            :meth:`DeviceCropDecoder.receive` views them in the slot again.
     """
 
-    files: Tensor
+    files: Tensor | None
     sizes: list[int]
     crops: list[EncodedCrop | None]
-    decoded: Tensor
+    decoded: Tensor | None
     issues: list[list[Any]]
+    placement: SlotPlacement | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.placement is None:
+            return self.__dict__
+        return dict(self.__dict__, files=None, decoded=None)
 
 
-def pack_encoded(items: list[dict[str, Any]]) -> EncodedBatch:
-    """Collate of :class:`EncodedPretrainImages` items inside a worker: no decoding, one byte buffer."""
-    jpegs = [item["encoded"] for item in items if "encoded" in item]
+def worker_slots(workers: int, prefetch: int) -> WorkerSlots:
+    """Slots for each of ``workers`` loader workers: one being filled, ``prefetch`` in the loader's queue, and
+    the worker's share of the batches the training process holds (the receiving and decoding threads' queues,
+    one in hand in each, one in the training loop, one the loader keeps while it waits for an earlier one)."""
+    held = RECEIVE_AHEAD + DECODE_AHEAD + 4
+    return WorkerSlots(1 + prefetch + math.ceil(held / workers))
+
+
+def pack_encoded(items: list[dict[str, Any]], slots: WorkerSlots | None = None) -> EncodedBatch:
+    """Collate of :class:`EncodedPretrainImages` items inside a worker: no decoding, one byte buffer, in one
+    of the worker's ``slots`` when one is free."""
+    jpegs = [item["encoded"].data for item in items if "encoded" in item]
     decoded = [item["pixel_values"] for item in items if "encoded" not in item]
+    sizes = [data.numel() for data in jpegs]
+    shapes = [(sum(sizes),), (len(decoded), *decoded[0].shape) if decoded else (0,)]
+    (files, pixels), placement = slots.reserve(shapes) if slots is not None else (fresh_tensors(shapes), None)
+    if jpegs:
+        torch.cat(jpegs, out=files)
+    if decoded:
+        torch.stack(decoded, out=pixels)
     empty = torch.empty(0, dtype=torch.uint8)
     return EncodedBatch(
-        files=torch.cat([e.data for e in jpegs]) if jpegs else empty,
-        sizes=[e.data.numel() for e in jpegs],
+        files=files,
+        sizes=sizes,
         crops=[dataclasses.replace(item["encoded"], data=empty) if "encoded" in item else None for item in items],
-        decoded=torch.stack(decoded) if decoded else empty,
+        decoded=pixels,
         issues=[item["issues"] for item in items],
+        placement=placement,
     )
 
 
@@ -177,10 +206,11 @@ class DeviceCropDecoder:
     like :func:`fcmae.data.collate_examples` of the CPU path's items.
 
     ``worker_batch`` is the :class:`EncodedBatch` itself. Its buffers came from a loader worker through shared
-    memory, and unmapping them when their last reference goes holds the GIL for milliseconds (about 2.4 ms
-    for 16 MB). The batch therefore travels with its pixels to the training loop, which drops it once its
-    step's GPU work is queued, instead of dying in the decoding thread at a moment when the loop needs the
-    GIL.
+    memory: dropping the batch frees its worker's slot (:mod:`fcmae.worker_slots`), or, for a batch in fresh
+    memory, unmaps it, which holds the GIL for milliseconds (about 2.4 ms for 16 MB). The batch therefore
+    travels with its pixels to the training loop, which drops it once its step's GPU work is queued: the
+    worker does not refill the slot while the decoder may still read it, and an unmap does not happen in the
+    decoding thread at a moment when the loop needs the GIL.
 
     Args:
         size: output side S.
@@ -207,8 +237,16 @@ class DeviceCropDecoder:
         self._hardware_tried = False
         self._direct_failures = 0  # batches in a row
         self._direct_failure_logged = False
+        self.slots = SlotReceiver()
+
+    def receive(self, batch: EncodedBatch) -> None:
+        """View a placed batch's ``files`` and ``decoded`` in its worker's slot again, which is freed when the
+        batch is dropped."""
+        if batch.placement is not None and batch.files is None:
+            batch.files, batch.decoded = self.slots.open(batch.placement, batch)
 
     def __call__(self, batch: EncodedBatch) -> dict[str, Any]:
+        self.receive(batch)
         on_device = [i for i, crop in enumerate(batch.crops) if crop is not None]
         crops, refused = self.crop_on_device([batch.crops[i] for i in on_device],
                                              list(batch.files.split(batch.sizes)))

@@ -7,6 +7,7 @@ steps line up with epoch ends and a checkpoint's data position is one integer.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Iterator
@@ -19,12 +20,20 @@ from torch.utils.data import DataLoader, Sampler
 
 from fcmae.config import ConfigError
 from fcmae.data import ImageSource, PretrainImages, StreamingPretrainImages, collate_examples
-from fcmae.device_decode import DEVICE_READ_MODES, DeviceCropDecoder, EncodedPretrainImages, decode_ahead, pack_encoded
+from fcmae.device_decode import (
+    DEVICE_READ_MODES,
+    DeviceCropDecoder,
+    EncodedPretrainImages,
+    decode_ahead,
+    pack_encoded,
+    worker_slots,
+)
 from fcmae.images import MODES_BY_CHANNELS, BadImageError, decode_image
 from fcmae.pretrain_config import DataConfig
 from fcmae.transforms import EvalTransform, PretrainTransform, keyed_generator
 
 _SHUFFLE_STREAM = 0x5EED
+LOADER_PREFETCH = 2  # batches per worker in the loader's queue (DataLoader's default)
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -165,6 +174,9 @@ def build_pretrain_loader(cfg: DataConfig, source: ImageSource, *, in_chans: int
             dataset = EncodedPretrainImages(source, transform, cfg, in_chans, seed)
             # JPEG bytes go to nvJPEG from pageable memory: nothing to pin.
             kwargs.update(collate_fn=pack_encoded, pin_memory=False)
+            if cfg.num_workers > 0:
+                kwargs.update(prefetch_factor=LOADER_PREFETCH, collate_fn=functools.partial(
+                    pack_encoded, slots=worker_slots(cfg.num_workers, LOADER_PREFETCH)))
             decoder = DeviceCropDecoder(cfg.input_size, decode_device, dataset, cfg.gpu_decoder)
         loader = PretrainLoader(dataset, batches, kwargs, sampler, decoder)
     if batches == 0:
