@@ -48,7 +48,7 @@ from fcmae.images import MODES_BY_CHANNELS, can_reduce, jpeg_bytes, open_image
 from fcmae.nvjpeg import HardwareDecoderUnavailable, HardwareJpegDecoder, NvjpegError
 from fcmae.pretrain_config import GPU_DECODERS, DataConfig
 from fcmae.transforms import PretrainTransform, keyed_generator
-from fcmae.worker_slots import SlotPlacement, SlotReceiver, WorkerSlots, fresh_tensors
+from fcmae.worker_slots import SlotPlacement, WorkerSlots, fresh_tensors
 
 DEVICE_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
 CHANNELS = {mode: channels for channels, mode in MODES_BY_CHANNELS.items()}
@@ -153,8 +153,9 @@ class EncodedBatch:
         decoded: (K, C, S, S) uint8, the CPU-decoded samples in batch order ((0,) when none).
         issues: per sample, what its decoding reported.
         placement: where a worker placed ``files`` and ``decoded`` in one of its shared-memory slots (see
-            :mod:`fcmae.worker_slots`), or None. A placed batch is pickled without those two tensors;
-            :meth:`DeviceCropDecoder.receive` views them in the slot again.
+            :mod:`fcmae.worker_slots`), or None. A placed batch is pickled (and ``copy.copy``-ed) without those
+            two tensors; :meth:`DeviceCropDecoder.receive` views them in the slot again, which stays the
+            batch's while its placement lives (a ``dataclasses.replace`` copy shares it).
     """
 
     files: Tensor | None
@@ -171,11 +172,12 @@ class EncodedBatch:
 
 
 def worker_slots(workers: int, prefetch: int) -> WorkerSlots:
-    """Slots for each of ``workers`` loader workers: one being filled, ``prefetch`` in the loader's queue, and
-    the worker's share of the batches the training process holds (the receiving and decoding threads' queues,
-    one in hand in each, one in the training loop, one the loader keeps while it waits for an earlier one)."""
-    held = RECEIVE_AHEAD + DECODE_AHEAD + 4
-    return WorkerSlots(1 + prefetch + math.ceil(held / workers))
+    """Slots for each of ``workers`` loader workers: its ``prefetch`` batches the loader has asked for and not yet
+    returned (being filled, queued, or kept back for an earlier one), its share of those the training process
+    holds (the receiving and decoding threads' queues, one in hand in each, one in the training loop), and a
+    spare, for a batch let go a moment late."""
+    held = RECEIVE_AHEAD + DECODE_AHEAD + 3
+    return WorkerSlots(prefetch + math.ceil(held / workers) + 1)
 
 
 def pack_encoded(items: list[dict[str, Any]], slots: WorkerSlots | None = None) -> EncodedBatch:
@@ -207,9 +209,9 @@ class DeviceCropDecoder:
 
     ``worker_batch`` is the :class:`EncodedBatch` itself. Its buffers came from a loader worker through shared
     memory: dropping the batch frees its worker's slot (:mod:`fcmae.worker_slots`), or, for a batch in fresh
-    memory, unmaps it, which holds the GIL for milliseconds (about 2.4 ms for 16 MB). The batch therefore
-    travels with its pixels to the training loop, which drops it once its step's GPU work is queued: the
-    worker does not refill the slot while the decoder may still read it, and an unmap does not happen in the
+    memory, unmaps it, which holds the GIL for milliseconds (about 2.4 ms for 16 MB, call 32). The batch
+    therefore travels with its pixels to the training loop, which drops it once its step's GPU work is queued:
+    the worker does not refill the slot while the decoder may still read it, and an unmap does not happen in the
     decoding thread at a moment when the loop needs the GIL.
 
     Args:
@@ -237,13 +239,12 @@ class DeviceCropDecoder:
         self._hardware_tried = False
         self._direct_failures = 0  # batches in a row
         self._direct_failure_logged = False
-        self.slots = SlotReceiver()
 
     def receive(self, batch: EncodedBatch) -> None:
-        """View a placed batch's ``files`` and ``decoded`` in its worker's slot again, which is freed when the
-        batch is dropped."""
+        """View a placed batch's ``files`` and ``decoded`` in its worker's slot again (freed with the batch's
+        placement)."""
         if batch.placement is not None and batch.files is None:
-            batch.files, batch.decoded = self.slots.open(batch.placement, batch)
+            batch.files, batch.decoded = batch.placement.tensors()
 
     def __call__(self, batch: EncodedBatch) -> dict[str, Any]:
         self.receive(batch)

@@ -6,10 +6,13 @@ process maps it, faults its pages in and, when the batch goes, unmaps and frees 
 device decoder's batches carry about 14 MB of JPEG bytes and 8 MB of CPU-decoded pixels, and on real
 input the training process's host work sets the loop's pace. So each worker keeps a few buffers in
 shared memory (:class:`WorkerSlots`) and sends each buffer to the training process once; a batch placed
-in one then names its slot and where its tensors lie in it (:class:`SlotPlacement`). The training
-process (:class:`SlotReceiver`) keeps the buffers mapped and marks a slot free again when the object that
-holds its batch is dropped. A worker whose slots are all still held, and the collate of a loader without
-workers, use fresh tensors as before.
+in one then names its slot and where its tensors lie in it (:class:`SlotPlacement`). Unpickling a
+placement in the training process does that process's part, whether or not the batch is then read: it
+keeps a new buffer mapped for the slot's later batches, and it frees the slot when the placement is
+dropped with its batch, in the training loop or wherever a batch is discarded unread (an epoch left early,
+the loader's prefetched batches dropped when the next epoch starts). What the training process keeps
+goes when the loader's :class:`WorkerSlots` does. A worker whose slots are all still held, and the collate
+of a loader without workers, use fresh tensors as before.
 
 Only uint8 tensors are placed; a slot holds one batch at a time.
 """
@@ -17,6 +20,7 @@ Only uint8 tensors are placed; a slot holds one batch at a time.
 from __future__ import annotations
 
 import math
+import secrets
 import weakref
 from dataclasses import dataclass
 
@@ -28,26 +32,52 @@ from torch.utils.data import get_worker_info
 # A new buffer has room for this many times the batch it is made for, as batches differ in size.
 HEADROOM = 1.25
 _ALIGN = 64  # bytes; each tensor starts on a cache line
+# What this process has received from each worker, by (the slots' token, worker id): its slots' buffers and
+# held flags. A worker sends them only once, and later placements find them here when they are unpickled.
+_received: dict[tuple[str, int], _WorkerBuffers] = {}
+
+
+@dataclass
+class _WorkerBuffers:
+    buffers: dict[int, Tensor]
+    held: np.ndarray
 
 
 @dataclass
 class SlotPlacement:
     """Where a worker put one batch's tensors.
 
+    Unpickled (in the training process), it registers a new buffer and frees its slot when it is itself
+    freed.
+
     Attributes:
+        token: which :class:`WorkerSlots` placed it (one per loader).
         worker: the loader worker's id.
         slot: the slot's index among that worker's.
         layout: per tensor, its byte offset in the slot's buffer and its shape.
         buffer: (capacity,) uint8, the slot's shared buffer; only the first batch a buffer carries sends it.
-        held: (slots,) int32 shared flags of the worker's slots, 1 while the training process holds the slot's
-            batch; sent with each new buffer.
+        held: (slots,) int32 shared flags of the worker's slots, 1 from a batch's placement until the training
+            process drops it; sent with each new buffer.
     """
 
+    token: str
     worker: int
     slot: int
     layout: list[tuple[int, tuple[int, ...]]]
     buffer: Tensor | None
     held: Tensor | None
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        key = (self.token, self.worker)
+        if self.buffer is not None:  # a new buffer; a restarted worker's first ones replace the old worker's
+            worker = _received.setdefault(key, _WorkerBuffers({}, self.held.numpy()))
+            worker.buffers[self.slot], worker.held = self.buffer, self.held.numpy()
+        weakref.finalize(self, _release, _received[key].held, self.slot)
+
+    def tensors(self) -> list[Tensor]:
+        """The placed uint8 tensors, in the training process (valid while this placement is)."""
+        return views(_received[self.token, self.worker].buffers[self.slot], self.layout)
 
 
 def byte_layout(shapes: list[tuple[int, ...]]) -> tuple[list[tuple[int, tuple[int, ...]]], int]:
@@ -75,11 +105,13 @@ class WorkerSlots:
     """A loader worker's side: :meth:`reserve` gives tensors to fill, in a free slot when there is one.
 
     Made in the training process and handed to the workers with the collate function; each worker then
-    allocates its own ``count`` buffers as it first uses them.
+    allocates its own ``count`` buffers as it first uses them. When the training process's object goes, so
+    does what that process received from its workers.
     """
 
     def __init__(self, count: int):
-        self.count = count
+        self.count, self.token = count, secrets.token_hex(8)
+        weakref.finalize(self, _forget, self.token)
         self._buffers: list[Tensor | None] = [None] * count
         self._held: Tensor | None = None
         self._next = 0
@@ -98,8 +130,8 @@ class WorkerSlots:
             buffer = torch.empty(max(1, math.ceil(nbytes * HEADROOM)), dtype=torch.uint8).share_memory_()
             self._buffers[slot] = buffer
         self._held.numpy()[slot] = 1
-        placement = SlotPlacement(info.id, slot, layout, buffer if new else None, self._held if new else None)
-        return views(buffer, layout), placement
+        sent = (buffer, self._held) if new else (None, None)
+        return views(buffer, layout), SlotPlacement(self.token, info.id, slot, layout, *sent)
 
     def _free_slot(self) -> int | None:
         if self._held is None:
@@ -117,17 +149,6 @@ def _release(held: np.ndarray, slot: int) -> None:
     held[slot] = 0
 
 
-class SlotReceiver:
-    """The training process's side: the tensors of a placed batch, viewed in its slot's buffer."""
-
-    def __init__(self) -> None:
-        self._slots: dict[tuple[int, int], tuple[Tensor, np.ndarray]] = {}
-
-    def open(self, placement: SlotPlacement, holder: object) -> list[Tensor]:
-        """The placed tensors; the slot is marked free once ``holder`` (the batch object) is dropped."""
-        key = (placement.worker, placement.slot)
-        if placement.buffer is not None:  # a new buffer (or a restarted worker's) replaces the slot's
-            self._slots[key] = placement.buffer, placement.held.numpy()
-        buffer, held = self._slots[key]
-        weakref.finalize(holder, _release, held, placement.slot)
-        return views(buffer, placement.layout)
+def _forget(token: str) -> None:
+    for key in [key for key in _received if key[0] == token]:
+        del _received[key]
